@@ -1,0 +1,39 @@
+"""applec: an ahead-of-time ONNX compiler for Apple Silicon.
+
+Python API (mirrors the CLI):
+
+    import applec
+    result = applec.compile("model.onnx", target="m2", output="bundle/")
+    model = applec.load("bundle/")          # verify once ...
+    outputs = model.run({"x": array})       # ... run many times
+    report = applec.validate("bundle/", "model.onnx")
+"""
+
+__version__ = "0.1.0"
+
+from .errors import ApplecError  # noqa: E402
+
+
+def compile(model, *, output, target="m2", precision="fp16", shapes=None, on_stage=None):
+    """Compile an ONNX file to a bundle; returns a `CompileResult`."""
+    from .compiler import compile_model
+
+    return compile_model(model, output=output, target=target, precision=precision,
+                         shapes=shapes, on_stage=on_stage)
+
+
+def load(bundle, *, backend="auto", compute_units="all"):
+    """Load and verify a bundle; returns a `LoadedBundle` whose `.run(feeds)` executes it."""
+    from applec.runtime import load as _load
+
+    return _load(bundle, backend=backend, compute_units=compute_units)
+
+
+def validate(bundle, onnx_model, *, inputs=None, backend="auto", seed=0):
+    """Compare a bundle's outputs with onnxruntime on the original model."""
+    from .validate import validate_bundle
+
+    return validate_bundle(bundle, onnx_model, inputs=inputs, backend=backend, seed=seed)
+
+
+__all__ = ["ApplecError", "compile", "load", "validate", "__version__"]

@@ -1,0 +1,607 @@
+"""CoreML lowering rules, one per ONNX op (canonical form), registered by op type.
+
+Each rule reads IR inputs through `lw.get` (MIL vars; constants become `const` ops) and
+binds every IR output with `lw.bind`. Static shapes are known, so rules resolve ONNX's
+data-dependent arguments (Reshape's 0/-1, Slice's clamping, auto_pad) at compile time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from coremltools.converters.mil import Builder as mb
+
+from applec.errors import UnsupportedOpError
+from applec.ir import Node
+
+from .lower import Lowerer
+
+RULES: dict[str, Callable[[Lowerer, Node], None]] = {}
+
+
+def rule(*op_types: str):
+    def register(fn):
+        for op_type in op_types:
+            RULES[op_type] = fn
+        return fn
+    return register
+
+
+def unsupported(lw: Lowerer, why: str):
+    node = lw.node
+    raise UnsupportedOpError(f"{node.op_type} node '{node.name}': {why}")
+
+
+def x_of(lw: Lowerer, node: Node, i: int = 0):
+    return lw.get(node.inputs[i])
+
+
+def is_float(value) -> bool:
+    return value.dtype.kind == "f"
+
+
+# -- elementwise -------------------------------------------------------------------------
+UNARY = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Erf": "erf", "Sqrt": "sqrt",
+         "Exp": "exp", "Log": "log", "Abs": "abs", "Reciprocal": "inverse", "Floor": "floor",
+         "Ceil": "ceil", "Sign": "sign", "Sin": "sin", "Cos": "cos", "Softplus": "softplus",
+         "Not": "logical_not", "Round": "round"}
+
+
+@rule(*UNARY)
+def lower_unary(lw, node):
+    fn = getattr(mb, UNARY[node.op_type])
+    lw.bind(node.outputs[0], fn(x=x_of(lw, node), name=lw.out_name()))
+
+
+@rule("Identity", "Dropout")
+def lower_identity(lw, node):
+    lw.bind(node.outputs[0], mb.identity(x=x_of(lw, node), name=lw.out_name()))
+    if len(node.outputs) > 1 and node.outputs[1].users:
+        unsupported(lw, "the mask output is not supported")
+
+
+@rule("Neg")
+def lower_neg(lw, node):
+    x = node.inputs[0]
+    lw.bind(node.outputs[0], mb.mul(x=lw.get(x), y=lw.const(-1, lw.mil_dtype(x.dtype)),
+                                    name=lw.out_name()))
+
+
+@rule("HardSigmoid")
+def lower_hard_sigmoid(lw, node):
+    lw.bind(node.outputs[0], mb.sigmoid_hard(
+        x=x_of(lw, node), alpha=float(node.attrs.get("alpha", 0.2)),
+        beta=float(node.attrs.get("beta", 0.5)), name=lw.out_name()))
+
+
+@rule("HardSwish")
+def lower_hard_swish(lw, node):
+    x = x_of(lw, node)
+    gate = mb.sigmoid_hard(x=x, alpha=1.0 / 6, beta=0.5, name=lw.tmp("gate"))
+    lw.bind(node.outputs[0], mb.mul(x=x, y=gate, name=lw.out_name()))
+
+
+@rule("LeakyRelu")
+def lower_leaky_relu(lw, node):
+    lw.bind(node.outputs[0], mb.leaky_relu(x=x_of(lw, node),
+                                           alpha=float(node.attrs.get("alpha", 0.01)),
+                                           name=lw.out_name()))
+
+
+@rule("Elu")
+def lower_elu(lw, node):
+    lw.bind(node.outputs[0], mb.elu(x=x_of(lw, node), alpha=float(node.attrs.get("alpha", 1.0)),
+                                    name=lw.out_name()))
+
+
+@rule("Gelu")
+def lower_gelu(lw, node):
+    mode = "TANH_APPROXIMATION" if node.attrs.get("approximate", "none") == "tanh" else "EXACT"
+    lw.bind(node.outputs[0], mb.gelu(x=x_of(lw, node), mode=mode, name=lw.out_name()))
+
+
+@rule("Clip")
+def lower_clip(lw, node):
+    x = node.inputs[0]
+    low, high = node.input(1), node.input(2)
+    var = lw.get(x)
+    if is_float(x) and (low is None or low.is_const) and (high is None or high.is_const):
+        lo = float(low.const) if low is not None else -np.inf
+        hi = float(high.const) if high is not None else np.inf
+        lo = max(lo, float(np.finfo(lw.float_dtype).min))
+        hi = min(hi, float(np.finfo(lw.float_dtype).max))
+        lw.bind(node.outputs[0], mb.clip(x=var, alpha=np.asarray(lo, lw.float_dtype),
+                                         beta=np.asarray(hi, lw.float_dtype),
+                                         name=lw.out_name()))
+        return
+    if low is not None:
+        var = mb.maximum(x=var, y=lw.get(low),
+                         name=lw.out_name() if high is None else lw.tmp("low"))
+    if high is not None:
+        var = mb.minimum(x=var, y=lw.get(high), name=lw.out_name())
+    if low is None and high is None:
+        var = mb.identity(x=var, name=lw.out_name())
+    lw.bind(node.outputs[0], var)
+
+
+BINARY = {"Add": "add", "Sub": "sub", "Mul": "mul", "Pow": "pow", "Equal": "equal",
+          "Less": "less", "LessOrEqual": "less_equal", "Greater": "greater",
+          "GreaterOrEqual": "greater_equal", "And": "logical_and", "Or": "logical_or",
+          "Xor": "logical_xor"}
+
+
+@rule(*BINARY)
+def lower_binary(lw, node):
+    a, b = node.inputs[:2]
+    x, y = lw.get(a), lw.get(b)
+    if lw.mil_dtype(a.dtype) != lw.mil_dtype(b.dtype):  # Pow(float, int exponent)
+        y = mb.cast(x=y, dtype=lw.mil_dtype_name(a.dtype), name=lw.tmp("exp"))
+    fn = getattr(mb, BINARY[node.op_type])
+    lw.bind(node.outputs[0], fn(x=x, y=y, name=lw.out_name()))
+
+
+@rule("Div")
+def lower_div(lw, node):
+    a, b = node.inputs[:2]
+    if is_float(a):
+        lw.bind(node.outputs[0], mb.real_div(x=lw.get(a), y=lw.get(b), name=lw.out_name()))
+        return
+    # ONNX integer division truncates toward zero; MIL's floor_div floors.
+    fa = mb.cast(x=lw.get(a), dtype="fp32", name=lw.tmp("a"))
+    fb = mb.cast(x=lw.get(b), dtype="fp32", name=lw.tmp("b"))
+    q = mb.real_div(x=fa, y=fb, name=lw.tmp("q"))
+    neg = mb.less(x=q, y=np.float32(0), name=lw.tmp("neg"))
+    t = mb.select(cond=neg, a=mb.ceil(x=q, name=lw.tmp("ceil")),
+                  b=mb.floor(x=q, name=lw.tmp("floor")), name=lw.tmp("trunc"))
+    lw.bind(node.outputs[0], mb.cast(x=t, dtype="int32", name=lw.out_name()))
+
+
+@rule("Mod")
+def lower_mod(lw, node):
+    if node.attrs.get("fmod", 0):
+        unsupported(lw, "fmod=1 is not supported")
+    lw.bind(node.outputs[0], mb.mod(x=x_of(lw, node, 0), y=x_of(lw, node, 1),
+                                    name=lw.out_name()))
+
+
+@rule("Max", "Min", "Sum", "Mean")
+def lower_variadic(lw, node):
+    fn = {"Max": mb.maximum, "Min": mb.minimum, "Sum": mb.add, "Mean": mb.add}[node.op_type]
+    vars_ = [lw.get(v) for v in node.inputs]
+    last = node.op_type != "Mean"
+    acc = vars_[0]
+    if len(vars_) == 1:
+        acc = mb.identity(x=acc, name=lw.out_name() if last else lw.tmp("acc"))
+    for i, var in enumerate(vars_[1:], 1):
+        final = last and i == len(vars_) - 1
+        acc = fn(x=acc, y=var, name=lw.out_name() if final else lw.tmp(f"acc{i}"))
+    if not last:
+        acc = mb.mul(x=acc, y=lw.const(1.0 / len(vars_), lw.float_dtype), name=lw.out_name())
+    lw.bind(node.outputs[0], acc)
+
+
+@rule("Where")
+def lower_where(lw, node):
+    lw.bind(node.outputs[0], mb.select(cond=x_of(lw, node, 0), a=x_of(lw, node, 1),
+                                       b=x_of(lw, node, 2), name=lw.out_name()))
+
+
+@rule("Cast", "CastLike")
+def lower_cast(lw, node):
+    x = node.inputs[0]
+    target = node.outputs[0].dtype
+    want = lw.mil_dtype_name(target)
+    if lw.mil_dtype_name(x.dtype) == want:
+        lw.bind(node.outputs[0], mb.identity(x=lw.get(x), name=lw.out_name()))
+    else:
+        lw.bind(node.outputs[0], mb.cast(x=lw.get(x), dtype=want, name=lw.out_name()))
+
+
+# -- activations with an axis -----------------------------------------------------------
+@rule("Softmax")
+def lower_softmax(lw, node):
+    lw.bind(node.outputs[0], mb.softmax(x=x_of(lw, node), axis=node.attrs.get("axis", -1),
+                                        name=lw.out_name()))
+
+
+@rule("LogSoftmax")
+def lower_log_softmax(lw, node):
+    x = x_of(lw, node)
+    axis = node.attrs.get("axis", -1)
+    lse = mb.reduce_log_sum_exp(x=x, axes=[axis], keep_dims=True, name=lw.tmp("lse"))
+    lw.bind(node.outputs[0], mb.sub(x=x, y=lse, name=lw.out_name()))
+
+
+# -- matrix products ---------------------------------------------------------------------
+@rule("MatMul")
+def lower_matmul(lw, node):
+    a, b = node.inputs[:2]
+    if b.is_const and len(b.shape) == 2 and 1 <= len(a.shape) <= 3:
+        weight = lw.array(b.const.T, b.name)  # linear takes [out, in]
+        lw.bind(node.outputs[0], mb.linear(x=lw.get(a), weight=weight, name=lw.out_name()))
+        return
+    lw.bind(node.outputs[0], mb.matmul(x=lw.get(a), y=lw.get(b), name=lw.out_name()))
+
+
+@rule("Gemm")
+def lower_gemm(lw, node):
+    a, b, c = node.inputs[0], node.inputs[1], node.input(2)
+    alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
+    trans_a, trans_b = node.attrs.get("transA", 0), node.attrs.get("transB", 0)
+    n = node.outputs[0].shape[1]
+    x = lw.get(a)
+    if trans_a:
+        x = mb.transpose(x=x, perm=[1, 0], name=lw.tmp("at"))
+    bias_ok = c is None or (c.is_const and c.const.size in (1, n) and
+                            (c.const.ndim < 2 or c.const.shape[0] == 1))
+    if b.is_const and bias_ok:
+        weight = b.const if trans_b else b.const.T
+        weight = lw.array(weight.astype(np.float64) * alpha, b.name)
+        args = {"x": x, "weight": weight, "name": lw.out_name()}
+        if c is not None and beta != 0:
+            args["bias"] = lw.array(np.broadcast_to(c.const.reshape(-1) * beta, (n,)), c.name)
+        lw.bind(node.outputs[0], mb.linear(**args))
+        return
+    y = mb.matmul(x=x, y=lw.get(b), transpose_y=bool(trans_b),
+                  name=lw.out_name() if c is None and alpha == 1 else lw.tmp("mm"))
+    if alpha != 1:
+        y = mb.mul(x=y, y=lw.const(alpha, lw.float_dtype),
+                   name=lw.out_name() if c is None else lw.tmp("alpha"))
+    if c is not None:
+        cv = lw.get(c)
+        if beta != 1:
+            cv = mb.mul(x=cv, y=lw.const(beta, lw.float_dtype), name=lw.tmp("beta"))
+        y = mb.add(x=y, y=cv, name=lw.out_name())
+    lw.bind(node.outputs[0], y)
+
+
+# -- convolution, pooling, normalization ------------------------------------------------
+def explicit_pads(node: Node, in_spatial, kernel, strides, dilations) -> list[int]:
+    """MIL custom pads [b0, e0, b1, e1, ...] from ONNX pads/auto_pad on static shapes."""
+    n = len(in_spatial)
+    auto_pad = node.attrs.get("auto_pad", "NOTSET")
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        pads = []
+        for size, k, s, d in zip(in_spatial, kernel, strides, dilations):
+            out = -(-size // s)
+            total = max((out - 1) * s + (k - 1) * d + 1 - size, 0)
+            small, big = total // 2, total - total // 2
+            pads += [small, big] if auto_pad == "SAME_UPPER" else [big, small]
+        return pads
+    if auto_pad == "VALID":
+        return [0] * (2 * n)
+    onnx_pads = list(node.attrs.get("pads", [0] * (2 * n)))
+    return [p for i in range(n) for p in (onnx_pads[i], onnx_pads[i + n])]
+
+
+@rule("Conv")
+def lower_conv(lw, node):
+    x, w, b = node.inputs[0], node.inputs[1], node.input(2)
+    n = len(x.shape) - 2
+    kernel = list(w.shape[2:])
+    strides = list(node.attrs.get("strides", [1] * n))
+    dilations = list(node.attrs.get("dilations", [1] * n))
+    pads = explicit_pads(node, x.shape[2:], kernel, strides, dilations)
+    args = {"x": lw.get(x), "weight": lw.get(w), "strides": strides, "dilations": dilations,
+            "pad_type": "custom", "pad": pads, "groups": int(node.attrs.get("group", 1)),
+            "name": lw.out_name()}
+    if b is not None:
+        args["bias"] = lw.get(b)
+    lw.bind(node.outputs[0], mb.conv(**args))
+
+
+@rule("MaxPool", "AveragePool")
+def lower_pool(lw, node):
+    x = node.inputs[0]
+    n = len(x.shape) - 2
+    kernel = list(node.attrs["kernel_shape"])
+    strides = list(node.attrs.get("strides", [1] * n))
+    dilations = list(node.attrs.get("dilations", [1] * n))
+    if any(d != 1 for d in dilations):
+        unsupported(lw, "dilated pooling has no CoreML equivalent")
+    if len(node.outputs) > 1 and node.outputs[1].users:
+        unsupported(lw, "the Indices output is not supported")
+    pads = explicit_pads(node, x.shape[2:], kernel, strides, dilations)
+    args = {"x": lw.get(x), "kernel_sizes": kernel, "strides": strides, "pad_type": "custom",
+            "pad": pads, "ceil_mode": bool(node.attrs.get("ceil_mode", 0)),
+            "name": lw.out_name()}
+    if node.op_type == "MaxPool":
+        var = mb.max_pool(**args)
+    else:
+        args["exclude_padding_from_average"] = not node.attrs.get("count_include_pad", 0)
+        var = mb.avg_pool(**args)
+    lw.bind(node.outputs[0], var)
+
+
+@rule("GlobalAveragePool", "GlobalMaxPool")
+def lower_global_pool(lw, node):
+    axes = list(range(2, len(node.inputs[0].shape)))
+    fn = mb.reduce_mean if node.op_type == "GlobalAveragePool" else mb.reduce_max
+    lw.bind(node.outputs[0], fn(x=x_of(lw, node), axes=axes, keep_dims=True,
+                                name=lw.out_name()))
+
+
+@rule("BatchNormalization")
+def lower_batch_norm(lw, node):
+    x = node.inputs[0]
+    params = node.inputs[1:5]
+    eps = float(node.attrs.get("epsilon", 1e-5))
+    if all(p.is_const for p in params):
+        gamma, beta, mean, var = (p.const.astype(np.float64) for p in params)
+        scale = gamma / np.sqrt(var + eps)
+        shift = beta - mean * scale
+        if 3 <= len(x.shape) <= 5:
+            lw.bind(node.outputs[0], mb.batch_norm(
+                x=lw.get(x), mean=lw.array(mean, "mean"), variance=lw.array(var, "var"),
+                gamma=lw.array(gamma, "gamma"), beta=lw.array(beta, "beta"), epsilon=eps,
+                name=lw.out_name()))
+            return
+        bshape = (-1,) + (1,) * (len(x.shape) - 2)
+        y = mb.mul(x=lw.get(x), y=lw.array(scale.reshape(bshape), "scale"),
+                   name=lw.tmp("scale"))
+        lw.bind(node.outputs[0], mb.add(x=y, y=lw.array(shift.reshape(bshape), "shift"),
+                                        name=lw.out_name()))
+        return
+    unsupported(lw, "scale, bias, mean and variance must be constants")
+
+
+@rule("InstanceNormalization")
+def lower_instance_norm(lw, node):
+    x, gamma, beta = node.inputs[:3]
+    if not (gamma.is_const and beta.is_const):
+        unsupported(lw, "scale and bias must be constants")
+    lw.bind(node.outputs[0], mb.instance_norm(
+        x=lw.get(x), gamma=lw.array(gamma.const, gamma.name), beta=lw.array(beta.const, beta.name),
+        epsilon=float(node.attrs.get("epsilon", 1e-5)), name=lw.out_name()))
+
+
+@rule("LayerNormalization")
+def lower_layer_norm(lw, node):
+    x, scale, bias = node.inputs[0], node.input(1), node.input(2)
+    rank = len(x.shape)
+    axis = node.attrs.get("axis", -1) % rank
+    axes = list(range(axis, rank))
+    norm_shape = x.shape[axis:]
+    if any(v.users for v in node.outputs[1:]):
+        unsupported(lw, "the Mean and InvStdDev outputs are not supported")
+    args = {"x": lw.get(x), "axes": axes, "epsilon": float(node.attrs.get("epsilon", 1e-5))}
+    affine_in_op = all(v is None or v.is_const for v in (scale, bias))
+    if affine_in_op:
+        if scale is not None:
+            args["gamma"] = lw.array(np.broadcast_to(scale.const, norm_shape), scale.name)
+        if bias is not None:
+            args["beta"] = lw.array(np.broadcast_to(bias.const, norm_shape), bias.name)
+        lw.bind(node.outputs[0], mb.layer_norm(**args, name=lw.out_name()))
+        return
+    y = mb.layer_norm(**args, name=lw.tmp("norm"))
+    y = mb.mul(x=y, y=lw.get(scale), name=lw.out_name() if bias is None else lw.tmp("scale"))
+    if bias is not None:
+        y = mb.add(x=y, y=lw.get(bias), name=lw.out_name())
+    lw.bind(node.outputs[0], y)
+
+
+@rule("LRN")
+def lower_lrn(lw, node):
+    lw.bind(node.outputs[0], mb.local_response_norm(
+        x=x_of(lw, node), size=int(node.attrs["size"]),
+        alpha=float(node.attrs.get("alpha", 1e-4)), beta=float(node.attrs.get("beta", 0.75)),
+        k=float(node.attrs.get("bias", 1.0)), name=lw.out_name()))
+
+
+# -- reductions --------------------------------------------------------------------------
+REDUCE = {"ReduceMean": "reduce_mean", "ReduceSum": "reduce_sum", "ReduceMax": "reduce_max",
+          "ReduceMin": "reduce_min", "ReduceProd": "reduce_prod", "ReduceL2": "reduce_l2_norm",
+          "ReduceL1": "reduce_l1_norm", "ReduceSumSquare": "reduce_sum_square",
+          "ReduceLogSumExp": "reduce_log_sum_exp"}
+
+
+@rule(*REDUCE)
+def lower_reduce(lw, node):
+    x = node.inputs[0]
+    axes = node.input(1)
+    axes = [int(a) for a in axes.const.reshape(-1)] if axes is not None else []
+    keep = bool(node.attrs.get("keepdims", 1))
+    if not axes and node.attrs.get("noop_with_empty_axes", 0):
+        lw.bind(node.outputs[0], mb.identity(x=lw.get(x), name=lw.out_name()))
+        return
+    axes = axes or list(range(len(x.shape)))
+    fn = getattr(mb, REDUCE[node.op_type])
+    lw.bind(node.outputs[0], fn(x=lw.get(x), axes=axes, keep_dims=keep, name=lw.out_name()))
+
+
+@rule("ArgMax", "ArgMin")
+def lower_arg_reduce(lw, node):
+    if node.attrs.get("select_last_index", 0):
+        unsupported(lw, "select_last_index=1 is not supported")
+    fn = mb.reduce_argmax if node.op_type == "ArgMax" else mb.reduce_argmin
+    lw.bind(node.outputs[0], fn(x=x_of(lw, node), axis=int(node.attrs.get("axis", 0)),
+                                keep_dims=bool(node.attrs.get("keepdims", 1)),
+                                name=lw.out_name()))
+
+
+# -- layout --------------------------------------------------------------------------------
+@rule("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+def lower_reshape(lw, node):
+    out = node.outputs[0]
+    x = x_of(lw, node)
+    if len(out.shape) == 0:
+        lw.bind(out, mb.squeeze(x=x, name=lw.out_name()))
+    else:
+        lw.bind(out, mb.reshape(x=x, shape=list(out.shape), name=lw.out_name()))
+
+
+@rule("Transpose")
+def lower_transpose(lw, node):
+    rank = len(node.inputs[0].shape)
+    perm = list(node.attrs.get("perm", list(range(rank))[::-1]))
+    lw.bind(node.outputs[0], mb.transpose(x=x_of(lw, node), perm=perm, name=lw.out_name()))
+
+
+@rule("Concat")
+def lower_concat(lw, node):
+    values = [lw.get(v) for v in node.inputs if v is not None and v.size != 0]
+    lw.bind(node.outputs[0], mb.concat(values=values, axis=int(node.attrs["axis"]),
+                                       name=lw.out_name()))
+
+
+@rule("Split")
+def lower_split(lw, node):
+    x = node.inputs[0]
+    axis = int(node.attrs.get("axis", 0)) % len(x.shape)
+    sizes = [v.shape[axis] for v in node.outputs]
+    if len(sizes) == 1:
+        lw.bind(node.outputs[0], mb.identity(x=lw.get(x), name=lw.out_name()))
+        return
+    parts = mb.split(x=lw.get(x), split_sizes=sizes, axis=axis, name=lw.tmp("split"))
+    for value, part in zip(node.outputs, parts):
+        lw.bind(value, part)
+
+
+@rule("Slice")
+def lower_slice(lw, node):
+    x = node.inputs[0]
+    rank = len(x.shape)
+    starts, ends = node.inputs[1].const, node.inputs[2].const
+    axes = node.input(3).const if node.input(3) is not None else np.arange(len(starts))
+    steps = node.input(4).const if node.input(4) is not None else np.ones(len(starts), int)
+    begin, end, stride = [0] * rank, list(x.shape), [1] * rank
+    end_mask = [False] * rank
+    for start, stop, axis, step in zip(starts, ends, axes, steps):
+        axis = int(axis) % rank
+        dim = x.shape[axis]
+        first, last_bound, step = slice(int(start), int(stop), int(step)).indices(dim)
+        count = len(range(first, last_bound, step))
+        if count == 0:
+            unsupported(lw, "a slice of size 0 cannot be held by CoreML")
+        last = first + (count - 1) * step
+        begin[axis], stride[axis] = first, step
+        if step > 0:
+            end[axis] = last + 1
+        elif last - 1 >= 0:
+            end[axis] = last - 1
+        else:
+            end[axis], end_mask[axis] = 0, True
+    lw.bind(node.outputs[0], mb.slice_by_index(
+        x=lw.get(x), begin=np.asarray(begin, np.int32), end=np.asarray(end, np.int32),
+        stride=np.asarray(stride, np.int32), end_mask=end_mask, name=lw.out_name()))
+
+
+@rule("Expand")
+def lower_expand(lw, node):
+    x, out = node.inputs[0], node.outputs[0]
+    var = lw.get(x)
+    if x.shape == out.shape:
+        lw.bind(out, mb.identity(x=var, name=lw.out_name()))
+        return
+    padded = (1,) * (len(out.shape) - len(x.shape)) + tuple(x.shape)
+    if padded != x.shape:
+        var = mb.reshape(x=var, shape=list(padded), name=lw.tmp("rank"))
+    reps = [o // p for o, p in zip(out.shape, padded)]
+    lw.bind(out, mb.tile(x=var, reps=reps, name=lw.out_name()))
+
+
+@rule("Tile")
+def lower_tile(lw, node):
+    reps = [int(r) for r in node.inputs[1].const.reshape(-1)]
+    lw.bind(node.outputs[0], mb.tile(x=x_of(lw, node), reps=reps, name=lw.out_name()))
+
+
+@rule("ConstantOfShape")
+def lower_constant_of_shape(lw, node):
+    out = node.outputs[0]
+    value = node.attrs.get("value", np.zeros(1, np.float32)).reshape(-1)[0]
+    lw.bind(out, mb.fill(shape=np.asarray(out.shape, np.int32),
+                         value=lw.array(np.asarray(value, out.dtype)), name=lw.out_name()))
+
+
+@rule("Range")
+def lower_range(lw, node):
+    lw.bind(node.outputs[0], mb.range_1d(start=x_of(lw, node, 0), end=x_of(lw, node, 1),
+                                         step=x_of(lw, node, 2), name=lw.out_name()))
+
+
+@rule("Pad")
+def lower_pad(lw, node):
+    x = node.inputs[0]
+    rank = len(x.shape)
+    pads = [int(p) for p in node.inputs[1].const.reshape(-1)]
+    axes = node.input(3)
+    axes = [int(a) % rank for a in axes.const] if axes is not None else list(range(rank))
+    full = [0] * (2 * rank)
+    for i, axis in enumerate(axes):
+        full[2 * axis], full[2 * axis + 1] = pads[i], pads[i + len(axes)]
+    if any(p < 0 for p in full):
+        unsupported(lw, "negative pads (cropping) are not supported")
+    first = next((i for i, p in enumerate(full) if p), len(full)) // 2
+    mode = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}.get(
+        node.attrs.get("mode", "constant"))
+    if mode is None:
+        unsupported(lw, f"mode '{node.attrs.get('mode')}' is not supported")
+    value = node.input(2)
+    constant = float(value.const.reshape(-1)[0]) if value is not None and value.size else 0.0
+    lw.bind(node.outputs[0], mb.pad(x=lw.get(x), pad=np.asarray(full[2 * first:], np.int32),
+                                    mode=mode, constant_val=lw.const(constant, lw.float_dtype)
+                                    if is_float(x) else lw.const(constant, np.int32),
+                                    name=lw.out_name()))
+
+
+# -- indexing ------------------------------------------------------------------------------
+@rule("Gather")
+def lower_gather(lw, node):
+    data, indices = node.inputs[:2]
+    axis = int(node.attrs.get("axis", 0)) % len(data.shape)
+    dim = data.shape[axis]
+    if indices.is_const:
+        idx = lw.array(np.where(indices.const < 0, indices.const + dim, indices.const))
+    else:
+        raw = lw.get(indices)
+        neg = mb.less(x=raw, y=np.int32(0), name=lw.tmp("neg"))
+        shifted = mb.add(x=raw, y=np.int32(dim), name=lw.tmp("wrap"))
+        idx = mb.select(cond=neg, a=shifted, b=raw, name=lw.tmp("idx"))
+    lw.bind(node.outputs[0], mb.gather(x=lw.get(data), indices=idx, axis=axis,
+                                       name=lw.out_name()))
+
+
+@rule("GatherElements")
+def lower_gather_elements(lw, node):
+    lw.bind(node.outputs[0], mb.gather_along_axis(
+        x=x_of(lw, node, 0), indices=x_of(lw, node, 1), axis=int(node.attrs.get("axis", 0)),
+        name=lw.out_name()))
+
+
+@rule("GatherND")
+def lower_gather_nd(lw, node):
+    if node.attrs.get("batch_dims", 0):
+        unsupported(lw, "batch_dims > 0 is not supported")
+    lw.bind(node.outputs[0], mb.gather_nd(x=x_of(lw, node, 0), indices=x_of(lw, node, 1),
+                                          name=lw.out_name()))
+
+
+@rule("TopK")
+def lower_topk(lw, node):
+    k = int(node.inputs[1].const.reshape(-1)[0])
+    values, indices = mb.topk(x=x_of(lw, node), k=k, axis=int(node.attrs.get("axis", -1)),
+                              ascending=not node.attrs.get("largest", 1), name=lw.tmp("topk"))
+    lw.bind(node.outputs[0], values)
+    lw.bind(node.outputs[1], indices)
+
+
+@rule("CumSum")
+def lower_cumsum(lw, node):
+    axis = int(node.inputs[1].const.reshape(-1)[0])
+    lw.bind(node.outputs[0], mb.cumsum(x=x_of(lw, node), axis=axis,
+                                       exclusive=bool(node.attrs.get("exclusive", 0)),
+                                       reverse=bool(node.attrs.get("reverse", 0)),
+                                       name=lw.out_name()))
+
+
+@rule("Trilu")
+def lower_trilu(lw, node):
+    x = node.inputs[0]
+    k = int(node.input(1).const) if node.input(1) is not None else 0
+    rows, cols = x.shape[-2:]
+    i, j = np.arange(rows)[:, None], np.arange(cols)[None, :]
+    keep = (j - i >= k) if node.attrs.get("upper", 1) else (j - i <= k)
+    zeros = np.zeros((), lw.mil_dtype(x.dtype))
+    lw.bind(node.outputs[0], mb.select(cond=keep, a=lw.get(x), b=zeros, name=lw.out_name()))
