@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__, bundle
-from .errors import ApplecError, TargetError
+from .errors import ApplecError
 from .ir import Graph
 from .onnx_import import import_model
 
@@ -76,12 +76,7 @@ def compile_model(model: str | Path, *, output: str | Path, target: str = "m2",
         partitions = [{"id": "p0", "backend": "coreml",
                        "artifact": "partitions/p0.mlpackage"}]
         lap("partition", "1 partition (coreml)")
-        try:
-            ct_target = coreml_target(profile)
-        except ApplecError:
-            raise
-        except Exception as exc:  # a profile naming a target coremltools lacks
-            raise TargetError(f"target {target}: {exc}") from None
+        ct_target = coreml_target(profile)
         lowered = lower_to_program(graph, precision, ct_target)
         artifact_dir = staging / "partitions" / "p0.mlpackage"
         artifact_dir.parent.mkdir(parents=True)
@@ -93,7 +88,7 @@ def compile_model(model: str | Path, *, output: str | Path, target: str = "m2",
             inputs=[p.to_json() for p in lowered.inputs],
             outputs=[p.to_json() for p in lowered.outputs],
             op_count=sum(len(v) for v in lowered.mil_ops.values()))
-        manifest = _manifest(graph, profile, ct_target, precision, partitions)
+        manifest = _manifest(graph, profile, precision, partitions)
         report = _report(graph, pass_records, lowered, precision)
         manifest = bundle.finish(staging, manifest, report)
         lap("write", str(output))
@@ -101,14 +96,14 @@ def compile_model(model: str | Path, *, output: str | Path, target: str = "m2",
 
 
 def profile_key(profile) -> str:
-    return getattr(profile, "key", None) or getattr(profile, "name", str(profile))
+    return profile.id
 
 
 def _io(values) -> list[dict]:
     return [{"name": v.name, "dtype": v.dtype.name, "shape": list(v.shape)} for v in values]
 
 
-def _manifest(graph: Graph, profile, ct_target, precision: str, partitions) -> dict:
+def _manifest(graph: Graph, profile, precision: str, partitions) -> dict:
     import coremltools
 
     return {
@@ -116,8 +111,9 @@ def _manifest(graph: Graph, profile, ct_target, precision: str, partitions) -> d
         "format_version": bundle.FORMAT_VERSION,
         "compiler": {"name": "applec", "version": __version__,
                      "coremltools": coremltools.__version__},
-        "target": {"chip": profile_key(profile), "deployment_target": ct_target.name,
-                   "precision": precision},
+        "target": {"chip": profile.id, "name": profile.name,
+                   "deployment_target": profile.coreml.deployment_target,
+                   "mil_opset": profile.coreml.mil_opset, "precision": precision},
         "model": {"source": graph.meta.get("source"), "opset": graph.meta.get("opset"),
                   "inputs": _io(graph.inputs), "outputs": _io(graph.outputs)},
         "partitions": partitions,

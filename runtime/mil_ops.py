@@ -274,9 +274,9 @@ _REDUCTIONS = {
 
 def _reduce_op(f):
     def reduce(a, outs):
-        x = a["x"]
-        axes = _axes(a) if _axes(a) is not None else tuple(range(x.ndim))
-        return f(x, axis=axes, keepdims=_bool(a, "keep_dims"))
+        axes = _axes(a)  # None reduces over every axis
+        axes = tuple(range(a["x"].ndim)) if axes is None else axes
+        return f(a["x"], axis=axes, keepdims=_bool(a, "keep_dims"))
 
     return reduce
 
@@ -285,10 +285,14 @@ for _name, _f in _REDUCTIONS.items():
     mil_op(_name)(_reduce_op(_f))
 
 
-@mil_op("reduce_argmax", "reduce_argmin")
-def reduce_arg(a, outs):
-    pick = np.argmax if a.get("_type") == "reduce_argmax" else np.argmin
-    return pick(a["x"], axis=_int(a, "axis", -1), keepdims=_bool(a, "keep_dims"))
+@mil_op("reduce_argmax")
+def reduce_argmax(a, outs):
+    return np.argmax(a["x"], axis=_int(a, "axis", -1), keepdims=_bool(a, "keep_dims"))
+
+
+@mil_op("reduce_argmin")
+def reduce_argmin(a, outs):
+    return np.argmin(a["x"], axis=_int(a, "axis", -1), keepdims=_bool(a, "keep_dims"))
 
 
 # ---- linear algebra, normalisation ----------------------------------------------------------
@@ -405,13 +409,10 @@ def _windows(x, kernel, strides, dilations, counts=None):
     nd = len(kernel)
     eff = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
     win = sliding_window_view(x, eff, axis=tuple(range(2, 2 + nd)))
-    steps = [slice(None, c, None) for c in counts] if counts else [slice(None)] * nd
-    pick = tuple(slice(st.start, st.stop, s) for st, s in zip(steps, strides))
-    win = win[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)
+    win = win[(slice(None),) * 2 + tuple(slice(None, None, s) for s in strides)
               + tuple(slice(None, None, d) for d in dilations)]
-    if counts:
-        win = win[(slice(None), slice(None)) + tuple(slice(0, c) for c in counts)]
-    del pick
+    if counts:  # ceil_mode may leave more window starts than outputs
+        win = win[(slice(None),) * 2 + tuple(slice(0, c) for c in counts)]
     return win
 
 
@@ -950,9 +951,11 @@ def _lut_blockwise(indices, lut, vector_axis):
 @mil_op("constexpr_sparse_to_dense", upcast=False)
 def constexpr_sparse_to_dense(a, outs):
     data, mask = a["nonzero_data"], a["mask"]
-    shape = _ints(a, "shape") or list(mask.shape)
-    bits = mask.ravel() != 0 if mask.dtype != np.uint8 or a.get("shape") is None else \
-        np.unpackbits(mask, bitorder="little")[: math.prod(shape)] != 0
+    if a.get("shape") is not None:  # iOS16 form: mask packed into uint8, LSB first
+        shape = _ints(a, "shape")
+        present = np.unpackbits(mask.astype(np.uint8), bitorder="little")[: math.prod(shape)]
+    else:  # iOS18 form: mask is a uint1 tensor of the output shape
+        shape, present = list(mask.shape), mask.ravel()
     out = np.zeros(math.prod(shape), data.dtype)
-    out[bits] = data.ravel()
+    out[present != 0] = data.ravel()
     return out.reshape(shape)

@@ -143,6 +143,10 @@ class Lowerer:
         array = np.asarray(array)
         return array.astype(dtype) if dtype is not None else self.array(array)
 
+    def scalar(self, number: float):
+        """A float scalar parameter in the compute dtype (MIL requires it to match)."""
+        return self.float_dtype(number)
+
     def bind(self, value: Value, var) -> None:
         shape = tuple(int(d) for d in var.shape)
         if shape != value.shape:

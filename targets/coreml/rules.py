@@ -71,27 +71,27 @@ def lower_neg(lw, node):
 @rule("HardSigmoid")
 def lower_hard_sigmoid(lw, node):
     lw.bind(node.outputs[0], mb.sigmoid_hard(
-        x=x_of(lw, node), alpha=float(node.attrs.get("alpha", 0.2)),
-        beta=float(node.attrs.get("beta", 0.5)), name=lw.out_name()))
+        x=x_of(lw, node), alpha=lw.scalar(node.attrs.get("alpha", 0.2)),
+        beta=lw.scalar(node.attrs.get("beta", 0.5)), name=lw.out_name()))
 
 
 @rule("HardSwish")
 def lower_hard_swish(lw, node):
     x = x_of(lw, node)
-    gate = mb.sigmoid_hard(x=x, alpha=1.0 / 6, beta=0.5, name=lw.tmp("gate"))
+    gate = mb.sigmoid_hard(x=x, alpha=lw.scalar(1.0 / 6), beta=lw.scalar(0.5), name=lw.tmp("gate"))
     lw.bind(node.outputs[0], mb.mul(x=x, y=gate, name=lw.out_name()))
 
 
 @rule("LeakyRelu")
 def lower_leaky_relu(lw, node):
     lw.bind(node.outputs[0], mb.leaky_relu(x=x_of(lw, node),
-                                           alpha=float(node.attrs.get("alpha", 0.01)),
+                                           alpha=lw.scalar(node.attrs.get("alpha", 0.01)),
                                            name=lw.out_name()))
 
 
 @rule("Elu")
 def lower_elu(lw, node):
-    lw.bind(node.outputs[0], mb.elu(x=x_of(lw, node), alpha=float(node.attrs.get("alpha", 1.0)),
+    lw.bind(node.outputs[0], mb.elu(x=x_of(lw, node), alpha=lw.scalar(node.attrs.get("alpha", 1.0)),
                                     name=lw.out_name()))
 
 
@@ -334,7 +334,7 @@ def lower_batch_norm(lw, node):
         if 3 <= len(x.shape) <= 5:
             lw.bind(node.outputs[0], mb.batch_norm(
                 x=lw.get(x), mean=lw.array(mean, "mean"), variance=lw.array(var, "var"),
-                gamma=lw.array(gamma, "gamma"), beta=lw.array(beta, "beta"), epsilon=eps,
+                gamma=lw.array(gamma, "gamma"), beta=lw.array(beta, "beta"), epsilon=lw.scalar(eps),
                 name=lw.out_name()))
             return
         bshape = (-1,) + (1,) * (len(x.shape) - 2)
@@ -353,7 +353,7 @@ def lower_instance_norm(lw, node):
         unsupported(lw, "scale and bias must be constants")
     lw.bind(node.outputs[0], mb.instance_norm(
         x=lw.get(x), gamma=lw.array(gamma.const, gamma.name), beta=lw.array(beta.const, beta.name),
-        epsilon=float(node.attrs.get("epsilon", 1e-5)), name=lw.out_name()))
+        epsilon=lw.scalar(node.attrs.get("epsilon", 1e-5)), name=lw.out_name()))
 
 
 @rule("LayerNormalization")
@@ -365,7 +365,7 @@ def lower_layer_norm(lw, node):
     norm_shape = x.shape[axis:]
     if any(v.users for v in node.outputs[1:]):
         unsupported(lw, "the Mean and InvStdDev outputs are not supported")
-    args = {"x": lw.get(x), "axes": axes, "epsilon": float(node.attrs.get("epsilon", 1e-5))}
+    args = {"x": lw.get(x), "axes": axes, "epsilon": lw.scalar(node.attrs.get("epsilon", 1e-5))}
     affine_in_op = all(v is None or v.is_const for v in (scale, bias))
     if affine_in_op:
         if scale is not None:
@@ -385,8 +385,8 @@ def lower_layer_norm(lw, node):
 def lower_lrn(lw, node):
     lw.bind(node.outputs[0], mb.local_response_norm(
         x=x_of(lw, node), size=int(node.attrs["size"]),
-        alpha=float(node.attrs.get("alpha", 1e-4)), beta=float(node.attrs.get("beta", 0.75)),
-        k=float(node.attrs.get("bias", 1.0)), name=lw.out_name()))
+        alpha=lw.scalar(node.attrs.get("alpha", 1e-4)), beta=lw.scalar(node.attrs.get("beta", 0.75)),
+        k=lw.scalar(node.attrs.get("bias", 1.0)), name=lw.out_name()))
 
 
 # -- reductions --------------------------------------------------------------------------
