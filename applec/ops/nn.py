@@ -112,13 +112,15 @@ class ConvBase(OpDef):
     attrs = {"auto_pad": "NOTSET", "dilations": None, "group": 1, "kernel_shape": None,
              "pads": None, "strides": None}
 
-    def check(self, node, in_channels_axis: int) -> tuple[int, ...]:
-        """Check X/W/B ranks and channels; return the kernel shape."""
-        x, w, b = node.inputs[0], node.inputs[1], node.input(2)
+    def check(self, node, transposed: bool) -> tuple[int, ...]:
+        """Check X/W ranks and channels (W is (M, C/group, ...), or (C, M/group, ...) when
+        transposed); return the kernel shape."""
+        x, w = node.inputs[0], node.inputs[1]
         if len(x.shape) < 3 or len(w.shape) != len(x.shape):
             self.fail(node, "X must be (N, C, ...) and W of the same rank")
         group = self.attr(node, "group")
-        if group < 1 or x.shape[1] % group or w.shape[in_channels_axis] * group != x.shape[1]:
+        w_channels = w.shape[0] if transposed else w.shape[1] * group
+        if group < 1 or x.shape[1] % group or w_channels != x.shape[1]:
             self.fail(node, f"channels do not match weights with group={group}")
         kernel = tuple(w.shape[2:])
         if self.attr(node, "kernel_shape") not in (None, list(kernel)):
@@ -130,7 +132,7 @@ class ConvBase(OpDef):
 class Conv(ConvBase):
     def infer(self, node):
         x, w, b = node.inputs[0], node.inputs[1], node.input(2)
-        window = window_geometry(self, node, x.shape[2:], self.check(node, 1))
+        window = window_geometry(self, node, x.shape[2:], self.check(node, False))
         m = w.shape[0]
         if m % self.attr(node, "group") or (b is not None and b.shape != (m,)):
             self.fail(node, f"bias must be ({m},) and divisible by group")
@@ -188,7 +190,7 @@ class ConvTranspose(ConvBase):
 
     def infer(self, node):
         x, w, b = node.inputs[0], node.inputs[1], node.input(2)
-        window = transpose_geometry(self, node, x.shape[2:], self.check(node, 0))
+        window = transpose_geometry(self, node, x.shape[2:], self.check(node, True))
         m = w.shape[1] * self.attr(node, "group")
         if b is not None and b.shape != (m,):
             self.fail(node, f"bias must be ({m},)")

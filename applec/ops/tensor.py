@@ -61,7 +61,7 @@ class Flatten(OpDef):
         rank = len(in_shape)
         if not -rank <= axis <= rank:
             self.fail(node, f"axis {axis} is out of range for rank {rank}")
-        axis %= rank + 1
+        axis = axis + rank if axis < 0 else axis
         return math.prod(in_shape[:axis]), math.prod(in_shape[axis:])
 
     def infer(self, node):
