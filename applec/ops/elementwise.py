@@ -260,15 +260,18 @@ class Div(Binary):
 
 @register
 class Pow(Binary):
-    """Output has the base's dtype; the exponent may have another dtype."""
+    """Output has the base's dtype; the exponent may have another dtype. Integer powers
+    stay exact; a negative integer exponent goes through float64, truncated like C."""
 
     def reference(self, node, inputs):
         base, exponent = inputs
-        if base.dtype.kind in "iu" and exponent.dtype.kind in "iu":
+        if base.dtype.kind in "iu" and exponent.dtype.kind in "iu" and (exponent >= 0).all():
             return [np.power(base, exponent.astype(base.dtype))]
         if base.dtype.kind == "f":
             return [np.power(base, exponent.astype(base.dtype))]
-        return [np.power(base.astype(np.float64), exponent.astype(np.float64))]
+        with np.errstate(divide="ignore"):
+            out = np.power(base.astype(np.float64), exponent.astype(np.float64))
+        return [out.astype(base.dtype)]
 
 
 @register

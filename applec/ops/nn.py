@@ -19,6 +19,14 @@ from . import REQUIRED, OpDef, normalize_axis, register
 AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
 
 
+def broadcasts_to(shape, target) -> bool:
+    """Whether `shape` broadcasts to exactly `target` (unidirectional broadcasting)."""
+    try:
+        return np.broadcast_shapes(shape, target) == tuple(target)
+    except ValueError:
+        return False
+
+
 def accumulator(dtype: np.dtype) -> np.dtype:
     """The dtype references accumulate in: float16 sums in float32, like every backend."""
     return np.dtype(np.float32) if dtype == np.float16 else dtype
@@ -122,9 +130,9 @@ class ConvBase(OpDef):
         w_channels = w.shape[0] if transposed else w.shape[1] * group
         if group < 1 or x.shape[1] % group or w_channels != x.shape[1]:
             self.fail(node, f"channels do not match weights with group={group}")
-        kernel = tuple(w.shape[2:])
-        if self.attr(node, "kernel_shape") not in (None, list(kernel)):
-            self.fail(node, f"kernel_shape {self.attr(node, 'kernel_shape')} != W {kernel}")
+        kernel, declared = tuple(w.shape[2:]), self.attr(node, "kernel_shape")
+        if declared is not None and tuple(declared) != kernel:
+            self.fail(node, f"kernel_shape {list(declared)} does not match W")
         return kernel
 
 
@@ -143,7 +151,7 @@ class Conv(ConvBase):
         bias = inputs[2] if len(inputs) > 2 else None
         acc = accumulator(x.dtype)
         window = window_geometry(self, node, x.shape[2:], w.shape[2:])
-        n, c, m, g = x.shape[0], x.shape[1], w.shape[0], self.attr(node, "group")
+        n, m, g = x.shape[0], w.shape[0], self.attr(node, "group")
         rank = len(window.kernel)
         view = windows(pad_windows(x.astype(acc), window, 0), window)
         # im2col: (N, C, *out, *kernel) -> (N, group, C/group * kernel, out pixels).
@@ -309,8 +317,8 @@ class GlobalMaxPool(GlobalPool):
 def _channel_params(op: OpDef, node, first: int, last: int) -> None:
     """Inputs first..last must each be a (C,) vector for X of shape (N, C, ...)."""
     x = node.inputs[0]
-    if len(x.shape) < 2:
-        op.fail(node, "X must be (N, C, ...)")
+    if len(x.shape) < 2 or len(node.inputs) <= last:
+        op.fail(node, f"X must be (N, C, ...), with {last} more inputs")
     for value in node.inputs[first:last + 1]:
         if value is None or value.shape != (x.shape[1],):
             op.fail(node, f"per-channel parameters must be ({x.shape[1]},)")
@@ -374,7 +382,7 @@ class LayerNormalization(OpDef):
         axis = normalize_axis(node, self.attr(node, "axis"), len(x.shape))
         normalized = x.shape[axis:]
         for value in node.inputs[1:3]:
-            if value is not None and np.broadcast_shapes(value.shape, normalized) != normalized:
+            if value is not None and not broadcasts_to(value.shape, normalized):
                 self.fail(node, f"scale/bias must broadcast to {list(normalized)}")
         stats = x.shape[:axis] + (1,) * len(normalized)
         return [(x.shape, x.dtype), (stats, np.float32), (stats, np.float32)]
@@ -433,7 +441,7 @@ class Gemm(OpDef):
         kb, n = b.shape[::-1] if self.attr(node, "transB") else b.shape
         if k != kb:
             self.fail(node, f"inner dimensions {k} and {kb} differ")
-        if c is not None and not _broadcasts_to(c.shape, (m, n)):
+        if c is not None and not broadcasts_to(c.shape, (m, n)):
             self.fail(node, f"C does not broadcast to {[m, n]}")
         return [((m, n), a.dtype)]
 
@@ -447,13 +455,6 @@ class Gemm(OpDef):
         if c is not None:
             y = y + self.attr(node, "beta") * c.astype(acc)
         return [y.astype(inputs[0].dtype)]
-
-
-def _broadcasts_to(shape, target) -> bool:
-    try:
-        return np.broadcast_shapes(shape, target) == tuple(target)
-    except ValueError:
-        return False
 
 
 @register
@@ -472,8 +473,9 @@ class MatMul(OpDef):
             batch = np.broadcast_shapes(sa[:-2], sb[:-2])
         except ValueError:
             self.fail(node, "batch dimensions do not broadcast")
-        out = tuple(batch) + sa[-2:-1] * (len(a.shape) > 1) + sb[-1:] * (len(b.shape) > 1)
-        return [(out, a.dtype)]
+        rows = (sa[-2],) if len(a.shape) > 1 else ()
+        cols = (sb[-1],) if len(b.shape) > 1 else ()
+        return [(tuple(batch) + rows + cols, a.dtype)]
 
     def reference(self, node, inputs):
         a, b = inputs

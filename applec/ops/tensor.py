@@ -95,13 +95,14 @@ class Transpose(OpDef):
 
 @register
 class Squeeze(OpDef):
-    """Remove the listed unit dims (input 1), or every unit dim when axes is omitted."""
+    """Remove the listed unit dims (input 1), or every unit dim when axes is omitted or
+    empty (as onnxruntime does)."""
 
     static_inputs = (1,)
 
     def out_shape(self, node, in_shape, data) -> tuple[int, ...]:
         axes = as_ints(data)
-        if axes is None:
+        if not axes:
             return tuple(d for d in in_shape if d != 1)
         axes = {normalize_axis(node, a, len(in_shape)) for a in axes}
         if any(in_shape[a] != 1 for a in axes):
