@@ -133,5 +133,5 @@ def _report(graph: Graph, pass_records, lowered, precision: str) -> dict:
     return {
         "passes": [{"pass": r["pass"], "rewrites": r["rewrites"]} for r in pass_records],
         "nodes": nodes,
-        "notes": sorted(set(lowered.notes)),
+        "notes": sorted(set(lowered.notes) | set(graph.meta.get("notes", []))),
     }

@@ -102,7 +102,7 @@ class LoadedBundle:
             for port in part["outputs"]:
                 env[port["tensor"]] = results[port["feature"]]
         return {spec["name"]: np.asarray(env[spec["name"]]).astype(spec["dtype"], copy=False)
-                for spec in self.outputs}
+                .reshape(spec["shape"]) for spec in self.outputs}
 
 
 def to_boundary(array: np.ndarray, port: dict) -> np.ndarray:
@@ -114,7 +114,7 @@ def to_boundary(array: np.ndarray, port: dict) -> np.ndarray:
             warnings.warn(f"'{port['tensor']}': values beyond the int32 range saturated "
                           "(CoreML has no int64)", stacklevel=3)
             array = np.clip(array, INT32.min, INT32.max)
-    return np.ascontiguousarray(array, dtype=dtype)
+    return np.ascontiguousarray(array, dtype=dtype).reshape(port["shape"])
 
 
 def load(root: str | Path, backend: str = "auto", compute_units: str = "all") -> LoadedBundle:

@@ -14,7 +14,7 @@ import numpy as np
 from applec.errors import ApplecError, BundleError, InputError
 
 from .mil_ops import MIL_OPS
-from .mil_reader import Block, Operation, Program, TensorInfo, read_mlpackage
+from .mil_reader import Block, Operation, Program, TensorInfo, read_mlpackage, walk
 
 # Ops run by the executor itself because they own nested blocks.
 CONTROL_FLOW_OPS = frozenset({"cond"})
@@ -29,7 +29,7 @@ class ReferenceProgram:
         self._check_supported(self.program.main)
         self._consts: dict[str, object] = {}
         self._fold_constants(self.program.main)
-        self._last_use = {}
+        self._frees: dict[int, list[list[str]]] = {}
         self._plan_frees(self.program.main, keep={t.name for t in self.program.outputs})
 
     @property
@@ -42,10 +42,10 @@ class ReferenceProgram:
 
     def op_types(self) -> set[str]:
         """Every op type in the program, nested blocks included."""
-        return {op.type for op in _walk(self.program.main)}
+        return {op.type for op in walk(self.program.main)}
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Outputs by name, in the program's declared dtypes."""
+        """Outputs by name, in the program's declared dtypes; bad feeds raise InputError."""
         env = dict(self._check_feeds(feeds))
         self._run_block(self.program.main, env)
         # Copies: an output may be a view of a cached constant or of a feed.
@@ -55,14 +55,14 @@ class ReferenceProgram:
     # ---- loading --------------------------------------------------------------------------
 
     def _check_supported(self, block: Block) -> None:
-        for op in _walk(block):
+        for op in walk(block):
             if op.type not in MIL_OPS and op.type not in CONTROL_FLOW_OPS:
                 raise BundleError(f"{self.path}: unsupported MIL op type {op.type!r} "
                                   f"(op producing {op.name!r})")
 
     def _fold_constants(self, block: Block) -> None:
         """Evaluate const and constexpr ops once; their results live as long as the program."""
-        for op in _walk(block):
+        for op in walk(block):
             if op.type == "const" or op.type.startswith("constexpr_"):
                 for t, value in zip(op.outputs, self._execute(op, self._consts)):
                     value.flags.writeable = False  # shared by every run: no op may edit it
@@ -84,7 +84,7 @@ class ReferenceProgram:
         for name, i in last.items():
             if name in local and name not in keep and name not in self._consts:
                 frees[i].append(name)
-        self._last_use[id(block)] = frees
+        self._frees[id(block)] = frees
 
     # ---- running --------------------------------------------------------------------------
 
@@ -96,7 +96,7 @@ class ReferenceProgram:
                                  f"{', '.join(repr(n) for n in declared)}")
         for name, t in declared.items():
             if name not in feeds:
-                raise InputError(f"missing input {name!r} ({t.mil_dtype}{list(t.shape)})")
+                raise InputError(f"missing input {name!r} ({t.mil_dtype}{_shape_text(t.shape)})")
             value = feeds[name]
             if not isinstance(value, np.ndarray) or value.dtype != t.dtype:
                 got = value.dtype if isinstance(value, np.ndarray) else type(value).__name__
@@ -107,7 +107,7 @@ class ReferenceProgram:
         return feeds
 
     def _run_block(self, block: Block, env: dict) -> list:
-        frees = self._last_use[id(block)]
+        frees = self._frees[id(block)]
         for op, dead in zip(block.operations, frees):
             if op.type == "const" or op.type.startswith("constexpr_"):
                 continue  # folded at load time
@@ -165,13 +165,6 @@ class ReferenceProgram:
         if name in self._consts:
             return self._consts[name]
         raise BundleError(f"{self.path}: variable {name!r} is read before it is defined")
-
-
-def _walk(block: Block):
-    for op in block.operations:
-        yield op
-        for inner in op.blocks:
-            yield from _walk(inner)
 
 
 def _reads(op: Operation) -> set[str]:

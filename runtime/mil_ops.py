@@ -16,7 +16,7 @@ This module is longer than the house ~600 lines because it is the one op table.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -31,17 +31,20 @@ MIL_OPS: dict[str, Callable] = {}
 # Every op type the CoreML lowering may emit today (priority A); a test keeps this list
 # and MIL_OPS in step.
 EMITTED_BY_LOWERING = (
-    "const cast identity add sub mul real_div floor_div mod pow maximum minimum equal "
-    "not_equal less less_equal greater greater_equal logical_and logical_or logical_not "
-    "logical_xor select relu relu6 sigmoid sigmoid_hard tanh erf sqrt rsqrt exp log abs floor "
-    "ceil round sign sin cos inverse square clip gelu silu softmax softplus leaky_relu elu "
-    "conv batch_norm instance_norm layer_norm max_pool avg_pool l2_pool reduce_mean "
-    "reduce_sum reduce_max reduce_min reduce_prod reduce_l2_norm reduce_l1_norm "
-    "reduce_sum_square reduce_log_sum_exp reduce_argmax reduce_argmin matmul linear reshape "
-    "transpose gather gather_along_axis gather_nd concat split slice_by_index slice_by_size "
-    "squeeze expand_dims tile fill range_1d pad shape topk cumsum argsort band_part "
-    "scaled_dot_product_attention upsample_nearest_neighbor upsample_bilinear resize_bilinear"
-).split()
+    "const", "cast", "identity", "add", "sub", "mul", "real_div", "floor_div", "mod", "pow",
+    "maximum", "minimum", "equal", "not_equal", "less", "less_equal", "greater",
+    "greater_equal", "logical_and", "logical_or", "logical_not", "logical_xor", "select",
+    "relu", "relu6", "sigmoid", "sigmoid_hard", "tanh", "erf", "sqrt", "rsqrt", "exp", "log",
+    "abs", "floor", "ceil", "round", "sign", "sin", "cos", "inverse", "square", "clip", "gelu",
+    "silu", "softmax", "softplus", "leaky_relu", "elu", "conv", "batch_norm", "instance_norm",
+    "layer_norm", "max_pool", "avg_pool", "l2_pool", "reduce_mean", "reduce_sum", "reduce_max",
+    "reduce_min", "reduce_prod", "reduce_l2_norm", "reduce_l1_norm", "reduce_sum_square",
+    "reduce_log_sum_exp", "reduce_argmax", "reduce_argmin", "matmul", "linear", "reshape",
+    "transpose", "gather", "gather_along_axis", "gather_nd", "concat", "split",
+    "slice_by_index", "slice_by_size", "squeeze", "expand_dims", "tile", "fill", "range_1d",
+    "pad", "shape", "topk", "cumsum", "argsort", "band_part", "scaled_dot_product_attention",
+    "upsample_nearest_neighbor", "upsample_bilinear", "resize_bilinear",
+)
 
 
 def mil_op(*names: str, upcast: bool = True):
@@ -115,7 +118,7 @@ _UNARY = {
     "cos": np.cos, "tan": np.tan, "asin": np.arcsin, "acos": np.arccos, "atan": np.arctan,
     "sinh": np.sinh, "cosh": np.cosh, "atanh": np.arctanh, "square": np.square,
     "logical_not": np.logical_not, "silu": lambda x: x * _sigmoid(x),
-    "softplus": lambda x: np.logaddexp(x, 0), "softsign": lambda x: x / (1 + np.abs(x)),
+    "softplus": lambda x: np.logaddexp(x, 0),
 }
 _BINARY = {
     "add": np.add, "sub": np.subtract, "mul": np.multiply, "real_div": np.true_divide,
@@ -183,11 +186,6 @@ def clip(a, outs):
     return np.minimum(np.maximum(a["x"], a["alpha"]), a["beta"])
 
 
-@mil_op("threshold")
-def threshold(a, outs):
-    return np.maximum(a["x"], a["alpha"])
-
-
 @mil_op("sigmoid_hard")
 def sigmoid_hard(a, outs):
     return np.clip(a["alpha"] * a["x"] + a["beta"], 0, 1)
@@ -203,27 +201,6 @@ def leaky_relu(a, outs):
 def elu(a, outs):
     x = a["x"]
     return np.where(x > 0, x, a["alpha"] * np.expm1(np.minimum(x, 0)))
-
-
-@mil_op("clamped_relu")
-def clamped_relu(a, outs):
-    x = a["x"]
-    return np.minimum(np.where(x >= 0, x, a["alpha"] * x), a["beta"])
-
-
-@mil_op("thresholded_relu")
-def thresholded_relu(a, outs):
-    return np.where(a["x"] >= a["alpha"], a["x"], 0)
-
-
-@mil_op("linear_activation")
-def linear_activation(a, outs):
-    return a["alpha"] * a["x"] + a["beta"]
-
-
-@mil_op("scaled_tanh")
-def scaled_tanh(a, outs):
-    return a["alpha"] * np.tanh(a["beta"] * a["x"])
 
 
 @mil_op("prelu")
@@ -268,7 +245,6 @@ _REDUCTIONS = {
         np.sum(np.square(x), axis=axis, keepdims=keepdims)),
     "reduce_sum_square": lambda x, axis, keepdims: np.sum(
         np.square(x), axis=axis, keepdims=keepdims),
-    "reduce_log_sum": lambda x, axis, keepdims: np.log(np.sum(x, axis=axis, keepdims=keepdims)),
 }
 
 
@@ -313,12 +289,6 @@ def linear(a, outs):
     return y if a.get("bias") is None else y + a["bias"]
 
 
-@mil_op("einsum")
-def einsum(a, outs):
-    x, y = a["values"]
-    return np.einsum(a["equation"], x, y)
-
-
 def _per_channel(v, ndim):
     return None if v is None else np.reshape(v, (-1,) + (1,) * (ndim - 2))
 
@@ -328,12 +298,18 @@ def _scale_shift(y, gamma, beta):
     return y if beta is None else y + beta
 
 
+def _channel_affine(y, a):
+    """y * gamma + beta, with the optional gamma and beta given per channel (axis 1)."""
+    gamma, beta = _per_channel(a.get("gamma"), y.ndim), _per_channel(a.get("beta"), y.ndim)
+    return _scale_shift(y, gamma, beta)
+
+
 @mil_op("batch_norm")
 def batch_norm(a, outs):
     x, eps = a["x"], _float(a, "epsilon", 1e-5)
     mean, var = _per_channel(a["mean"], x.ndim), _per_channel(a["variance"], x.ndim)
     y = (x - mean) / np.sqrt(var + eps)
-    return _scale_shift(y, _per_channel(a.get("gamma"), x.ndim), _per_channel(a.get("beta"), x.ndim))
+    return _channel_affine(y, a)
 
 
 @mil_op("instance_norm")
@@ -341,7 +317,7 @@ def instance_norm(a, outs):
     x, eps = a["x"], _float(a, "epsilon", 1e-5)
     axes = tuple(range(2, x.ndim))
     y = (x - x.mean(axis=axes, keepdims=True)) / np.sqrt(x.var(axis=axes, keepdims=True) + eps)
-    return _scale_shift(y, _per_channel(a.get("gamma"), x.ndim), _per_channel(a.get("beta"), x.ndim))
+    return _channel_affine(y, a)
 
 
 @mil_op("layer_norm")
@@ -354,13 +330,6 @@ def layer_norm(a, outs):
     gamma = None if a.get("gamma") is None else np.reshape(a["gamma"], param_shape)
     beta = None if a.get("beta") is None else np.reshape(a["beta"], param_shape)
     return _scale_shift(y, gamma, beta)
-
-
-@mil_op("l2_norm")
-def l2_norm(a, outs):
-    x, eps = a["x"], _float(a, "epsilon", 1e-6)
-    axes = tuple(range(x.ndim - 3, x.ndim))
-    return x / np.sqrt(np.sum(np.square(x), axis=axes, keepdims=True) + eps)
 
 
 @mil_op("local_response_norm")
@@ -404,16 +373,24 @@ def _spatial_pads(a, in_sizes, eff_kernel, strides):
     return pads
 
 
-def _windows(x, kernel, strides, dilations, counts=None):
+def _windows(x, kernel, strides, dilations):
     """View [N, C, *out, *kernel] of every window of the (already padded) x."""
     nd = len(kernel)
     eff = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
     win = sliding_window_view(x, eff, axis=tuple(range(2, 2 + nd)))
-    win = win[(slice(None),) * 2 + tuple(slice(None, None, s) for s in strides)
-              + tuple(slice(None, None, d) for d in dilations)]
-    if counts:  # ceil_mode may leave more window starts than outputs
-        win = win[(slice(None),) * 2 + tuple(slice(0, c) for c in counts)]
-    return win
+    return win[(slice(None),) * 2 + tuple(slice(None, None, s) for s in strides)
+               + tuple(slice(None, None, d) for d in dilations)]
+
+
+def _taps(x, kernel, out_sizes, strides, dilations):
+    """Yield (kernel offset, strided view of x that this tap reads for every output).
+
+    Loops run over kernel taps, never over tensor elements: each tap is one vectorised op.
+    """
+    for offset in np.ndindex(*kernel):
+        index = tuple(slice(o * d, o * d + (n - 1) * s + 1, s)
+                      for o, d, n, s in zip(offset, dilations, out_sizes, strides))
+        yield offset, x[(Ellipsis,) + index]
 
 
 def _pad_spatial(x, pads, value=0.0):
@@ -422,12 +399,15 @@ def _pad_spatial(x, pads, value=0.0):
 
 @mil_op("conv")
 def conv(a, outs):
-    x, w = a["x"], a["weight"]
+    x, w, groups = a["x"], a["weight"], _int(a, "groups", 1)
     nd = x.ndim - 2
     strides, dil = _ints(a, "strides", [1] * nd), _ints(a, "dilations", [1] * nd)
     eff = [(k - 1) * d + 1 for k, d in zip(w.shape[2:], dil)]
     xp = _pad_spatial(x, _spatial_pads(a, x.shape[2:], eff, strides))
-    y = _im2col_matmul(_windows(xp, w.shape[2:], strides, dil), w, _int(a, "groups", 1))
+    if groups > 1 and groups == x.shape[1]:
+        y = _depthwise(xp, w, strides, dil, eff)
+    else:
+        y = _im2col_matmul(_windows(xp, w.shape[2:], strides, dil), w, groups)
     return y if a.get("bias") is None else y + _per_channel(a["bias"], y.ndim)
 
 
@@ -444,6 +424,17 @@ def _im2col_matmul(win, w, groups):
     return y.transpose(0, 1, 3, 2).reshape((n, m) + tuple(out_sizes))
 
 
+def _depthwise(xp, w, strides, dil, eff):
+    """One input channel per group: a multiply-add per kernel tap beats tiny matmuls."""
+    mult = w.shape[0] // xp.shape[1]  # channel multiplier
+    xp = np.repeat(xp, mult, axis=1) if mult > 1 else xp
+    out = [(n - e) // s + 1 for n, e, s in zip(xp.shape[2:], eff, strides)]
+    y = np.zeros(xp.shape[:2] + tuple(out), np.result_type(xp, w))
+    for offset, view in _taps(xp, w.shape[2:], out, strides, dil):
+        y += view * w[(slice(None), 0) + offset].reshape((-1,) + (1,) * len(out))
+    return y
+
+
 @mil_op("conv_transpose")
 def conv_transpose(a, outs):
     x, w = a["x"], a["weight"]  # w: [C_in, C_out / groups, *K]
@@ -457,10 +448,8 @@ def conv_transpose(a, outs):
     ws = w.reshape(groups, cg, mg * math.prod(kernel)).transpose(0, 2, 1)
     cols = np.matmul(ws, xs).reshape((n, groups * mg) + tuple(kernel) + tuple(in_sizes))
     y = np.zeros((n, groups * mg) + tuple(full), dtype=cols.dtype)
-    for offset in np.ndindex(*kernel):
-        dst = tuple(slice(o * d, o * d + (i - 1) * s + 1, s)
-                    for o, d, i, s in zip(offset, dil, in_sizes, strides))
-        y[(slice(None), slice(None)) + dst] += cols[(slice(None), slice(None)) + offset]
+    for offset, view in _taps(y, kernel, in_sizes, strides, dil):
+        view += cols[(slice(None), slice(None)) + offset]
     y = _crop_transpose_output(a, y, full, outs[0].shape, strides, in_sizes)
     return y if a.get("bias") is None else y + _per_channel(a["bias"], y.ndim)
 
@@ -468,8 +457,8 @@ def conv_transpose(a, outs):
 def _crop_transpose_output(a, y, full, declared, strides, in_sizes):
     """Remove conv_transpose padding; pad zeros after if the wanted size exceeds `full`."""
     nd, pad_type = len(full), _str(a, "pad_type", "valid")
-    wanted = _ints(a, "output_shape")
-    wanted = wanted[2:] if wanted else list(declared[2:])
+    wanted = _ints(a, "output_shape") or list(declared)
+    wanted = wanted[2:] if len(wanted) == nd + 2 else [None] * nd
     starts = [0] * nd
     if pad_type == "custom":
         pad = _ints(a, "pad", [0] * 2 * nd)
@@ -482,16 +471,16 @@ def _crop_transpose_output(a, y, full, declared, strides, in_sizes):
         sizes = list(full)
     sizes = [w if w is not None else s for w, s in zip(wanted, sizes)]
     grow = [(0, max(0, st + sz - f)) for st, sz, f in zip(starts, sizes, full)]
-    y = _pad_spatial(y, grow)
-    return y[(slice(None), slice(None)) + tuple(slice(st, st + sz) for st, sz in zip(starts, sizes))]
+    crop = tuple(slice(st, st + sz) for st, sz in zip(starts, sizes))
+    return _pad_spatial(y, grow)[(slice(None), slice(None)) + crop]
 
 
 def _pool_geometry(a, x):
-    """Kernel, strides, (before, after) padding and output sizes of a pooling op."""
+    """Kernel, strides, output sizes and (before, after) padding of a pooling op; `after`
+    includes the overhang of ceil_mode windows past the padded input."""
     nd = x.ndim - 2
     kernel, strides = _ints(a, "kernel_sizes"), _ints(a, "strides", [1] * nd)
-    pads = _spatial_pads(a, x.shape[2:], kernel, strides)
-    out = []
+    pads, out = _spatial_pads(a, x.shape[2:], kernel, strides), []
     for size, k, s, (pb, pa) in zip(x.shape[2:], kernel, strides, pads):
         total = pb + pa
         if not _bool(a, "ceil_mode"):
@@ -500,46 +489,46 @@ def _pool_geometry(a, x):
         o = (size + total - k + s - 1) // s + 1
         # The last window may not start inside the right padding (coremltools / PyTorch rule).
         out.append(o - 1 if (o - 1) * s >= size + total / 2 and total > 0 else o)
-    return kernel, strides, pads, out
+    overhang = [max(0, (o - 1) * s + k - (size + pb + pa))
+                for o, s, k, size, (pb, pa) in zip(out, strides, kernel, x.shape[2:], pads)]
+    return kernel, strides, out, pads, overhang
 
 
-def _pool_windows(a, x, fill):
-    kernel, strides, pads, out = _pool_geometry(a, x)
-    # ceil_mode windows may overhang the padded input: extend it with `fill` for them.
-    extra = [max(0, (o - 1) * s + k - (size + pb + pa))
-             for o, s, k, size, (pb, pa) in zip(out, strides, kernel, x.shape[2:], pads)]
-    full_pads = [(pb, pa + e) for (pb, pa), e in zip(pads, extra)]
-    xp = _pad_spatial(x, full_pads, fill)
-    win = _windows(xp, kernel, strides, [1] * len(kernel), out)
-    return win, tuple(range(-len(kernel), 0)), (pads, extra, kernel, strides, out)
+def _pool(x, kernel, strides, out, pads, combine, fill):
+    """Combine every window's taps; `pads` are (before, after) per spatial dim."""
+    acc = None
+    padded = _pad_spatial(x, pads, fill)
+    for _, view in _taps(padded, kernel, out, strides, [1] * len(kernel)):
+        acc = view.copy() if acc is None else combine(acc, view, out=acc)
+    return acc
 
 
 @mil_op("max_pool")
 def max_pool(a, outs):
-    win, axes, _ = _pool_windows(a, a["x"], -np.inf)
-    return win.max(axis=axes)
+    kernel, strides, out, pads, over = _pool_geometry(a, a["x"])
+    pads = [(pb, pa + e) for (pb, pa), e in zip(pads, over)]
+    return _pool(a["x"], kernel, strides, out, pads, np.maximum, -np.inf)
 
 
 @mil_op("l2_pool")
 def l2_pool(a, outs):
-    win, axes, _ = _pool_windows(a, np.square(a["x"]), 0.0)
-    return np.sqrt(win.sum(axis=axes))
+    kernel, strides, out, pads, over = _pool_geometry(a, a["x"])
+    pads = [(pb, pa + e) for (pb, pa), e in zip(pads, over)]
+    return np.sqrt(_pool(np.square(a["x"]), kernel, strides, out, pads, np.add, 0.0))
 
 
 @mil_op("avg_pool")
 def avg_pool(a, outs):
     x = a["x"]
-    win, axes, (pads, extra, kernel, strides, out) = _pool_windows(a, x, 0.0)
-    sizes = x.shape[2:]
-    # Count what each window covers: real input, plus padding unless excluded; never the
-    # ceil_mode overhang.
-    if _bool(a, "exclude_padding_from_average"):
-        cover = np.pad(np.ones(sizes, x.dtype), [(pb, pa + e) for (pb, pa), e in zip(pads, extra)])
-    else:
-        padded = [s + pb + pa for s, (pb, pa) in zip(sizes, pads)]
-        cover = np.pad(np.ones(padded, x.dtype), [(0, e) for e in extra])
-    counts = _windows(cover[None, None], kernel, strides, [1] * len(kernel), out).sum(axis=axes)
-    return win.sum(axis=axes) / counts
+    kernel, strides, out, pads, over = _pool_geometry(a, x)
+    full = [(pb, pa + e) for (pb, pa), e in zip(pads, over)]
+    sums = _pool(x, kernel, strides, out, full, np.add, 0.0)
+    # Divide by what each window covers: the input, plus the padding unless it is excluded,
+    # but never the ceil_mode overhang.
+    cover = np.ones((1, 1) + x.shape[2:], x.dtype)
+    if not _bool(a, "exclude_padding_from_average"):
+        cover, full = _pad_spatial(cover, pads, 1.0), [(0, e) for e in over]
+    return sums / _pool(cover, kernel, strides, out, full, np.add, 0.0)
 
 
 # ---- shape and data movement ----------------------------------------------------------------
@@ -567,12 +556,6 @@ def expand_dims(a, outs):
     x, axes = a["x"], _ints(a, "axes")
     rank = x.ndim + len(axes)
     return np.expand_dims(x, tuple(sorted(ax % rank for ax in axes)))
-
-
-@mil_op("flatten2d", upcast=False)
-def flatten2d(a, outs):
-    x, axis = a["x"], _int(a, "axis", 1) % max(a["x"].ndim, 1)
-    return x.reshape(math.prod(x.shape[:axis]), -1)
 
 
 @mil_op("tile", upcast=False)
@@ -665,14 +648,6 @@ def pad(a, outs):
     if mode == "constant":
         return np.pad(x, pairs, constant_values=_float(a, "constant_val", 0.0))
     return np.pad(x, pairs, mode={"reflect": "reflect", "replicate": "edge"}[mode])
-
-
-@mil_op("pixel_shuffle", upcast=False)
-def pixel_shuffle(a, outs):
-    x, r = a["x"], _int(a, "upscale_factor")
-    n, c, h, w = x.shape
-    y = x.reshape(n, c // (r * r), r, r, h, w).transpose(0, 1, 4, 2, 5, 3)
-    return y.reshape(n, c // (r * r), h * r, w * r)
 
 
 @mil_op("band_part")
@@ -800,8 +775,8 @@ def _bilinear(x, out_h, out_w, mode):
 @mil_op("upsample_bilinear")
 def upsample_bilinear(a, outs):
     x = a["x"]
-    out_h = int(math.floor(x.shape[-2] * _float(a, "scale_factor_height", 1.0)))
-    out_w = int(math.floor(x.shape[-1] * _float(a, "scale_factor_width", 1.0)))
+    out_h = math.floor(x.shape[-2] * _float(a, "scale_factor_height", 1.0))
+    out_w = math.floor(x.shape[-1] * _float(a, "scale_factor_width", 1.0))
     align = _bool(a, "align_corners", True)
     half_pixel = _bool(a, "half_pixel_centers", not align)
     mode = "STRICT_ALIGN_CORNERS" if align else "UNALIGN_CORNERS" if half_pixel else "ASYMMETRIC"
@@ -820,7 +795,7 @@ def upsample_nearest_neighbor(a, outs):
     scales = (_float(a, "scale_factor_height", 1.0), _float(a, "scale_factor_width", 1.0))
     for axis, scale in zip((x.ndim - 2, x.ndim - 1), scales):
         n_in = x.shape[axis]
-        n_out = int(math.floor(n_in * scale))
+        n_out = math.floor(n_in * scale)
         src = np.minimum(np.floor(np.arange(n_out) / scale).astype(np.int64), n_in - 1)
         x = np.take(x, src, axis=axis)
     return x
@@ -946,16 +921,3 @@ def _lut_blockwise(indices, lut, vector_axis):
     shape = list(indices.shape)
     shape[axis] *= vector
     return values.reshape(shape)
-
-
-@mil_op("constexpr_sparse_to_dense", upcast=False)
-def constexpr_sparse_to_dense(a, outs):
-    data, mask = a["nonzero_data"], a["mask"]
-    if a.get("shape") is not None:  # iOS16 form: mask packed into uint8, LSB first
-        shape = _ints(a, "shape")
-        present = np.unpackbits(mask.astype(np.uint8), bitorder="little")[: math.prod(shape)]
-    else:  # iOS18 form: mask is a uint1 tensor of the output shape
-        shape, present = list(mask.shape), mask.ravel()
-    out = np.zeros(math.prod(shape), data.dtype)
-    out[present != 0] = data.ravel()
-    return out.reshape(shape)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Union
 
 import numpy as np
 
@@ -86,7 +85,7 @@ VARIADIC_INPUTS = {
     ("while_loop", "loop_vars"), ("make_list", "elem_shape"),
 }
 
-Arg = Union[str, np.ndarray, list]
+Arg = str | np.ndarray | list
 
 
 @dataclass(frozen=True)
@@ -110,7 +109,7 @@ class Operation:
     inputs: dict[str, Arg]
     outputs: list[TensorInfo]
     attributes: dict[str, object] = field(default_factory=dict)
-    blocks: list["Block"] = field(default_factory=list)
+    blocks: list[Block] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -172,6 +171,7 @@ def _inside(package: str, path: str, who: str) -> str:
 
 def _load_spec(model_path: str):
     from coremltools.proto import Model_pb2  # heavy import, only when a model is read
+    from google.protobuf.message import DecodeError
 
     try:
         with open(model_path, "rb") as f:
@@ -181,7 +181,7 @@ def _load_spec(model_path: str):
     spec = Model_pb2.Model()
     try:
         spec.ParseFromString(data)
-    except Exception as e:  # protobuf raises its own DecodeError family
+    except DecodeError as e:
         raise BundleError(f"{model_path}: corrupt model spec ({e})") from None
     if spec.WhichOneof("Type") != "mlProgram":
         raise BundleError(f"{model_path}: not an ML program (got {spec.WhichOneof('Type')})")
@@ -206,7 +206,7 @@ class _SpecReader:
         inputs = [self.named_type(v) for v in function.inputs]
         main = self.block(function.block_specializations[function.opset], inputs)
         types = {t.name: t for t in inputs}
-        for op in _walk(main):
+        for op in walk(main):
             types.update((t.name, t) for t in op.outputs)
         missing = [n for n in main.outputs if n not in types]
         if missing:
@@ -243,7 +243,8 @@ class _SpecReader:
     def tensor_type(self, value_type, who: str) -> tuple[str, tuple]:
         kind = value_type.WhichOneof("type")
         if kind != "tensorType":
-            raise BundleError(f"{self.package}: {who!r} has type {kind}, only tensors are supported")
+            raise BundleError(f"{self.package}: {who!r} has type {kind}; only tensors are "
+                              "supported")
         t = value_type.tensorType
         mil_dtype = _mil_dtype(t.dataType, f"{self.package}: {who!r}")
         shape = tuple(d.constant.size if d.WhichOneof("dimension") == "constant" else None
@@ -264,19 +265,20 @@ class _SpecReader:
         raise BundleError(f"{self.package}: unsupported constant kind {kind!r}")
 
     def blob_file(self, file_name: str) -> BlobFile:
+        """The weight file `file_name` ("@model_path/weights/weight.bin"), opened once."""
         if file_name not in self.blob_files:
-            relative = file_name.replace("@model_path", self.model_dir, 1)
+            relative = file_name.removeprefix("@model_path/")
             path = _inside(self.package, os.path.join(self.model_dir, relative), file_name)
             self.blob_files[file_name] = BlobFile(path)
         return self.blob_files[file_name]
 
 
-def _walk(block: Block):
+def walk(block: Block):
     """Every op of `block`, nested blocks included, in program order."""
     for op in block.operations:
         yield op
         for inner in op.blocks:
-            yield from _walk(inner)
+            yield from walk(inner)
 
 
 def _mil_dtype(proto_dtype: int, who: str) -> str:

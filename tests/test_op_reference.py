@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 from op_cases import CASES, In, OpCase, constants, input_names, make_inputs, make_model
 
-from applec.errors import ShapeError
+from applec.errors import ShapeError, UnsupportedOpError
 from applec.ir import Graph
 from applec.ops import OPS, evaluate, infer_node
 
@@ -121,3 +121,11 @@ def test_concat_mismatch_and_missing_axis():
 
 def test_squeeze_non_unit_axis():
     _expect_shape_error("Squeeze", [("x", np.float32, (2, 3)), np.array([0])])
+
+
+def test_maxpool_indices_output_is_unsupported():
+    graph = Graph()
+    node = graph.add_node("MaxPool", [graph.add_input("x", np.float32, (1, 1, 4, 4))],
+                          {"kernel_shape": [2, 2]}, name="pool", outputs=2)
+    with pytest.raises(UnsupportedOpError, match="MaxPool node 'pool'"):
+        infer_node(node)

@@ -174,8 +174,9 @@ def lower_to_program(graph: Graph, precision: str, opset) -> Lowered:
         if boundary is None:
             raise UnsupportedOpError(f"input '{value.name}' has dtype {value.dtype}, which "
                                      "CoreML cannot take")
-        specs[feature] = mb.placeholder(shape=value.shape, dtype=getattr(types, boundary))
-        inputs.append(Port(value.name, feature, boundary, value.shape))
+        shape = value.shape or (1,)  # CoreML has no rank-0 inputs: scalars cross as [1]
+        specs[feature] = mb.placeholder(shape=shape, dtype=getattr(types, boundary))
+        inputs.append(Port(value.name, feature, boundary, shape))
     # Output features get their ONNX names; the ops computing them get suffixed names.
     out_features = [lw.unique(value.name) for value in graph.outputs]
     mil_ops: dict[str, list[str]] = {}
@@ -183,6 +184,8 @@ def lower_to_program(graph: Graph, precision: str, opset) -> Lowered:
         for port, value in zip(inputs, graph.inputs):
             var = func.inputs[port.feature]
             want = lw.mil_dtype_name(value.dtype)
+            if not value.shape:
+                var = mb.squeeze(x=var, name=lw.unique(port.feature + "__scalar"))
             if want != port.dtype:
                 var = mb.cast(x=var, dtype=want, name=lw.unique(port.feature + "__in"))
             lw.vars[id(value)] = var
@@ -200,12 +203,17 @@ def lower_to_program(graph: Graph, precision: str, opset) -> Lowered:
         for feature, value in zip(out_features, graph.outputs):
             boundary = BOUNDARY[value.dtype.kind]
             var = lw.get(value)
-            if var.dtype != getattr(types, boundary):
+            shape = value.shape or (1,)
+            cast = var.dtype != getattr(types, boundary)
+            if not value.shape:
+                var = mb.reshape(x=var, shape=[1], name=lw.unique(feature + "__vec")
+                                 if cast else feature)
+            if cast:
                 var = mb.cast(x=var, dtype=boundary, name=feature)
-            else:
+            elif value.shape:
                 var = mb.identity(x=var, name=feature)
             out_vars.append(var)
-            outputs.append(Port(value.name, feature, boundary, value.shape))
+            outputs.append(Port(value.name, feature, boundary, shape))
         func.set_outputs(out_vars)
     program = Program()
     program.add_function("main", func)

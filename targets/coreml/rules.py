@@ -43,7 +43,7 @@ def is_float(value) -> bool:
 
 # -- elementwise -------------------------------------------------------------------------
 UNARY = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Erf": "erf", "Sqrt": "sqrt",
-         "Exp": "exp", "Log": "log", "Abs": "abs", "Reciprocal": "inverse", "Floor": "floor",
+         "Exp": "exp", "Log": "log", "Abs": "abs", "Floor": "floor",
          "Ceil": "ceil", "Sign": "sign", "Sin": "sin", "Cos": "cos", "Softplus": "softplus",
          "Not": "logical_not", "Round": "round"}
 
@@ -57,8 +57,17 @@ def lower_unary(lw, node):
 @rule("Identity", "Dropout")
 def lower_identity(lw, node):
     lw.bind(node.outputs[0], mb.identity(x=x_of(lw, node), name=lw.out_name()))
-    if len(node.outputs) > 1 and node.outputs[1].users:
-        unsupported(lw, "the mask output is not supported")
+    if len(node.outputs) > 1:  # inference: the mask keeps everything
+        mask = node.outputs[1]
+        lw.bind(mask, mb.const(val=np.ones(mask.shape, bool), name=lw.out_name(1)))
+
+
+@rule("Reciprocal")
+def lower_reciprocal(lw, node):
+    # not MIL's inverse: it computes 1 / (x + epsilon)
+    x = node.inputs[0]
+    lw.bind(node.outputs[0], mb.real_div(x=lw.const(1, lw.mil_dtype(x.dtype)), y=lw.get(x),
+                                         name=lw.out_name()))
 
 
 @rule("Neg")
@@ -148,20 +157,31 @@ def lower_div(lw, node):
         lw.bind(node.outputs[0], mb.real_div(x=lw.get(a), y=lw.get(b), name=lw.out_name()))
         return
     # ONNX integer division truncates toward zero; MIL's floor_div floors.
-    fa = mb.cast(x=lw.get(a), dtype="fp32", name=lw.tmp("a"))
-    fb = mb.cast(x=lw.get(b), dtype="fp32", name=lw.tmp("b"))
+    t = truncated_quotient(lw, a, b)
+    lw.bind(node.outputs[0], mb.cast(x=t, dtype="int32", name=lw.out_name()))
+
+
+def truncated_quotient(lw, a, b):
+    """trunc(a / b) in fp32 (MIL has floor and ceil, not trunc)."""
+    fa = mb.cast(x=lw.get(a), dtype="fp32", name=lw.tmp("a")) if a.dtype.kind != "f" \
+        or lw.float_dtype != np.float32 else lw.get(a)
+    fb = mb.cast(x=lw.get(b), dtype="fp32", name=lw.tmp("b")) if b.dtype.kind != "f" \
+        or lw.float_dtype != np.float32 else lw.get(b)
     q = mb.real_div(x=fa, y=fb, name=lw.tmp("q"))
     neg = mb.less(x=q, y=np.float32(0), name=lw.tmp("neg"))
-    t = mb.select(cond=neg, a=mb.ceil(x=q, name=lw.tmp("ceil")),
-                  b=mb.floor(x=q, name=lw.tmp("floor")), name=lw.tmp("trunc"))
-    lw.bind(node.outputs[0], mb.cast(x=t, dtype="int32", name=lw.out_name()))
+    return mb.select(cond=neg, a=mb.ceil(x=q, name=lw.tmp("ceil")),
+                     b=mb.floor(x=q, name=lw.tmp("floor")), name=lw.tmp("trunc"))
 
 
 @rule("Mod")
 def lower_mod(lw, node):
-    if node.attrs.get("fmod", 0):
-        unsupported(lw, "fmod=1 is not supported")
-    lw.bind(node.outputs[0], mb.mod(x=x_of(lw, node, 0), y=x_of(lw, node, 1),
+    a, b = node.inputs[:2]
+    if not node.attrs.get("fmod", 0):
+        lw.bind(node.outputs[0], mb.mod(x=lw.get(a), y=lw.get(b), name=lw.out_name()))
+        return
+    t = mb.cast(x=truncated_quotient(lw, a, b), dtype=lw.mil_dtype_name(a.dtype),
+                name=lw.tmp("tq"))
+    lw.bind(node.outputs[0], mb.sub(x=lw.get(a), y=mb.mul(x=t, y=lw.get(b), name=lw.tmp("ty")),
                                     name=lw.out_name()))
 
 
@@ -221,7 +241,19 @@ def lower_matmul(lw, node):
         weight = lw.array(b.const.T, b.name)  # linear takes [out, in]
         lw.bind(node.outputs[0], mb.linear(x=lw.get(a), weight=weight, name=lw.out_name()))
         return
-    lw.bind(node.outputs[0], mb.matmul(x=lw.get(a), y=lw.get(b), name=lw.out_name()))
+    x, y = lw.get(a), lw.get(b)
+    if len(a.shape) > 1 and len(b.shape) > 1:
+        lw.bind(node.outputs[0], mb.matmul(x=x, y=y, name=lw.out_name()))
+        return
+    # numpy semantics for 1-D operands: promote to a matrix, multiply, drop the added dim
+    if len(a.shape) == 1:
+        x = mb.expand_dims(x=x, axes=[0], name=lw.tmp("row"))
+    if len(b.shape) == 1:
+        y = mb.expand_dims(x=y, axes=[-1], name=lw.tmp("col"))
+    product = mb.matmul(x=x, y=y, name=lw.tmp("mm"))
+    lw.bind(node.outputs[0], mb.reshape(x=product, shape=list(node.outputs[0].shape) or [1],
+                                        name=lw.out_name()) if node.outputs[0].shape
+            else mb.squeeze(x=product, name=lw.out_name()))
 
 
 @rule("Gemm")
@@ -291,6 +323,40 @@ def lower_conv(lw, node):
     lw.bind(node.outputs[0], mb.conv(**args))
 
 
+@rule("ConvTranspose")
+def lower_conv_transpose(lw, node):
+    x, w, b = node.inputs[0], node.inputs[1], node.input(2)
+    n = len(x.shape) - 2
+    kernel = list(w.shape[2:])
+    strides = list(node.attrs.get("strides", [1] * n))
+    dilations = list(node.attrs.get("dilations", [1] * n))
+    out_spatial = node.outputs[0].shape[2:]
+    full = [(i - 1) * s + (k - 1) * d + 1
+            for i, s, k, d in zip(x.shape[2:], strides, kernel, dilations)]
+    extra = list(node.attrs.get("output_padding", [0] * n))
+    pads = transpose_pads(node, full, out_spatial, extra, n)
+    args = {"x": lw.get(x), "weight": lw.get(w), "strides": strides, "dilations": dilations,
+            "pad_type": "custom", "pad": pads, "groups": int(node.attrs.get("group", 1)),
+            "output_shape": np.asarray(node.outputs[0].shape, np.int32), "name": lw.out_name()}
+    if b is not None:
+        args["bias"] = lw.get(b)
+    lw.bind(node.outputs[0], mb.conv_transpose(**args))
+
+
+def transpose_pads(node: Node, full, out_spatial, extra, n) -> list[int]:
+    """ConvTranspose pads [b0, e0, ...]: output = full - b - e + output_padding."""
+    auto_pad = node.attrs.get("auto_pad", "NOTSET")
+    if "output_shape" in node.attrs or auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        pads = []
+        for f, out, e in zip(full, out_spatial, extra):
+            total = max(f + e - out, 0)
+            small, big = total // 2, total - total // 2
+            pads += [small, big] if auto_pad == "SAME_UPPER" else [big, small]
+        return pads
+    onnx_pads = list(node.attrs.get("pads", [0] * (2 * n)))
+    return [p for i in range(n) for p in (onnx_pads[i], onnx_pads[i + n])]
+
+
 @rule("MaxPool", "AveragePool")
 def lower_pool(lw, node):
     x = node.inputs[0]
@@ -303,15 +369,35 @@ def lower_pool(lw, node):
     if len(node.outputs) > 1 and node.outputs[1].users:
         unsupported(lw, "the Indices output is not supported")
     pads = explicit_pads(node, x.shape[2:], kernel, strides, dilations)
-    args = {"x": lw.get(x), "kernel_sizes": kernel, "strides": strides, "pad_type": "custom",
-            "pad": pads, "ceil_mode": bool(node.attrs.get("ceil_mode", 0)),
-            "name": lw.out_name()}
+    ceil_mode = bool(node.attrs.get("ceil_mode", 0))
+    if ceil_mode and node.op_type == "MaxPool":
+        # exact in floor mode with end pads sized for the static output (pads are -inf)
+        pads = floor_mode_pads(x.shape[2:], node.outputs[0].shape[2:], kernel, strides, pads)
+        ceil_mode = False
+    elif ceil_mode and pads[0::2] != pads[1::2]:
+        unsupported(lw, "ceil_mode with asymmetric pads has no CoreML equivalent")
+    var = lw.get(x)
+    if not is_float(x):  # MIL pools floats only; 8/16-bit ints are exact in fp32
+        var = mb.cast(x=var, dtype="fp32", name=lw.tmp("float"))
+    args = {"x": var, "kernel_sizes": kernel, "strides": strides, "pad_type": "custom",
+            "pad": pads, "ceil_mode": ceil_mode,
+            "name": lw.out_name() if is_float(x) else lw.tmp("pool")}
     if node.op_type == "MaxPool":
         var = mb.max_pool(**args)
     else:
         args["exclude_padding_from_average"] = not node.attrs.get("count_include_pad", 0)
         var = mb.avg_pool(**args)
+    if not is_float(x):
+        var = mb.cast(x=var, dtype="int32", name=lw.out_name())
     lw.bind(node.outputs[0], var)
+
+
+def floor_mode_pads(in_spatial, out_spatial, kernel, strides, pads) -> list[int]:
+    """End pads that make floor-mode pooling produce `out_spatial` windows."""
+    result = list(pads)
+    for i, (size, out, k, s) in enumerate(zip(in_spatial, out_spatial, kernel, strides)):
+        result[2 * i + 1] = max((out - 1) * s + k - size - pads[2 * i], 0)
+    return result
 
 
 @rule("GlobalAveragePool", "GlobalMaxPool")
@@ -363,8 +449,8 @@ def lower_layer_norm(lw, node):
     axis = node.attrs.get("axis", -1) % rank
     axes = list(range(axis, rank))
     norm_shape = x.shape[axis:]
-    if any(v.users for v in node.outputs[1:]):
-        unsupported(lw, "the Mean and InvStdDev outputs are not supported")
+    if len(node.outputs) > 1:
+        layer_norm_stats(lw, node, axes)
     args = {"x": lw.get(x), "axes": axes, "epsilon": lw.scalar(node.attrs.get("epsilon", 1e-5))}
     affine_in_op = all(v is None or v.is_const for v in (scale, bias))
     if affine_in_op:
@@ -379,6 +465,19 @@ def lower_layer_norm(lw, node):
     if bias is not None:
         y = mb.add(x=y, y=lw.get(bias), name=lw.out_name())
     lw.bind(node.outputs[0], y)
+
+
+def layer_norm_stats(lw, node, axes):
+    """LayerNormalization's optional Mean and InvStdDev outputs, computed separately."""
+    x = lw.get(node.inputs[0])
+    eps = lw.scalar(node.attrs.get("epsilon", 1e-5))
+    mean = mb.reduce_mean(x=x, axes=axes, keep_dims=True, name=lw.out_name(1))
+    lw.bind(node.outputs[1], mean)
+    if len(node.outputs) > 2:
+        centered = mb.sub(x=x, y=mean, name=lw.tmp("centered"))
+        var = mb.reduce_mean(x=mb.mul(x=centered, y=centered, name=lw.tmp("sq")), axes=axes,
+                             keep_dims=True, name=lw.tmp("var"))
+        lw.bind(node.outputs[2], mb.rsqrt(x=var, epsilon=eps, name=lw.out_name(2)))
 
 
 @rule("LRN")
@@ -396,6 +495,10 @@ REDUCE = {"ReduceMean": "reduce_mean", "ReduceSum": "reduce_sum", "ReduceMax": "
           "ReduceLogSumExp": "reduce_log_sum_exp"}
 
 
+# a reduction over no axes still applies its elementwise part
+NOOP_REDUCE = {"ReduceSumSquare": mb.square, "ReduceL1": mb.abs, "ReduceL2": mb.abs}
+
+
 @rule(*REDUCE)
 def lower_reduce(lw, node):
     x = node.inputs[0]
@@ -403,7 +506,8 @@ def lower_reduce(lw, node):
     axes = [int(a) for a in axes.const.reshape(-1)] if axes is not None else []
     keep = bool(node.attrs.get("keepdims", 1))
     if not axes and node.attrs.get("noop_with_empty_axes", 0):
-        lw.bind(node.outputs[0], mb.identity(x=lw.get(x), name=lw.out_name()))
+        fn = NOOP_REDUCE.get(node.op_type, mb.identity)
+        lw.bind(node.outputs[0], fn(x=lw.get(x), name=lw.out_name()))
         return
     axes = axes or list(range(len(x.shape)))
     fn = getattr(mb, REDUCE[node.op_type])
@@ -412,12 +516,19 @@ def lower_reduce(lw, node):
 
 @rule("ArgMax", "ArgMin")
 def lower_arg_reduce(lw, node):
-    if node.attrs.get("select_last_index", 0):
-        unsupported(lw, "select_last_index=1 is not supported")
     fn = mb.reduce_argmax if node.op_type == "ArgMax" else mb.reduce_argmin
-    lw.bind(node.outputs[0], fn(x=x_of(lw, node), axis=int(node.attrs.get("axis", 0)),
-                                keep_dims=bool(node.attrs.get("keepdims", 1)),
-                                name=lw.out_name()))
+    x = node.inputs[0]
+    axis = int(node.attrs.get("axis", 0)) % len(x.shape)
+    keep = bool(node.attrs.get("keepdims", 1))
+    if not node.attrs.get("select_last_index", 0):
+        lw.bind(node.outputs[0], fn(x=lw.get(x), axis=axis, keep_dims=keep,
+                                    name=lw.out_name()))
+        return
+    # the last extreme is the first one of the reversed tensor
+    flipped = mb.reverse(x=lw.get(x), axes=[axis], name=lw.tmp("rev"))
+    index = fn(x=flipped, axis=axis, keep_dims=keep, name=lw.tmp("idx"))
+    lw.bind(node.outputs[0], mb.sub(x=np.int32(x.shape[axis] - 1), y=index,
+                                    name=lw.out_name()))
 
 
 # -- layout --------------------------------------------------------------------------------
@@ -531,8 +642,8 @@ def lower_pad(lw, node):
     full = [0] * (2 * rank)
     for i, axis in enumerate(axes):
         full[2 * axis], full[2 * axis + 1] = pads[i], pads[i + len(axes)]
-    if any(p < 0 for p in full):
-        unsupported(lw, "negative pads (cropping) are not supported")
+    crop = [min(p, 0) for p in full]
+    full = [max(p, 0) for p in full]
     first = next((i for i, p in enumerate(full) if p), len(full)) // 2
     mode = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}.get(
         node.attrs.get("mode", "constant"))
@@ -540,10 +651,21 @@ def lower_pad(lw, node):
         unsupported(lw, f"mode '{node.attrs.get('mode')}' is not supported")
     value = node.input(2)
     constant = float(value.const.reshape(-1)[0]) if value is not None and value.size else 0.0
-    lw.bind(node.outputs[0], mb.pad(x=lw.get(x), pad=np.asarray(full[2 * first:], np.int32),
-                                    mode=mode, constant_val=lw.const(constant, lw.float_dtype)
-                                    if is_float(x) else lw.const(constant, np.int32),
-                                    name=lw.out_name()))
+    cropping = any(crop)
+    var = lw.get(x)
+    if any(full):
+        var = mb.pad(x=var, pad=np.asarray(full[2 * first:], np.int32), mode=mode,
+                     constant_val=lw.const(constant, lw.mil_dtype(x.dtype)),
+                     name=lw.tmp("pad") if cropping else lw.out_name())
+    if cropping:  # negative pads remove elements
+        padded = [d + full[2 * i] + full[2 * i + 1] for i, d in enumerate(x.shape)]
+        begin = [-crop[2 * i] for i in range(rank)]
+        end = [padded[i] + crop[2 * i + 1] for i in range(rank)]
+        var = mb.slice_by_index(x=var, begin=np.asarray(begin, np.int32),
+                                end=np.asarray(end, np.int32), name=lw.out_name())
+    elif not any(full):
+        var = mb.identity(x=var, name=lw.out_name())
+    lw.bind(node.outputs[0], var)
 
 
 # -- indexing ------------------------------------------------------------------------------
@@ -555,27 +677,44 @@ def lower_gather(lw, node):
     if indices.is_const:
         idx = lw.array(np.where(indices.const < 0, indices.const + dim, indices.const))
     else:
-        raw = lw.get(indices)
-        neg = mb.less(x=raw, y=np.int32(0), name=lw.tmp("neg"))
-        shifted = mb.add(x=raw, y=np.int32(dim), name=lw.tmp("wrap"))
-        idx = mb.select(cond=neg, a=shifted, b=raw, name=lw.tmp("idx"))
+        idx = wrap_negative(lw, lw.get(indices), dim)
     lw.bind(node.outputs[0], mb.gather(x=lw.get(data), indices=idx, axis=axis,
                                        name=lw.out_name()))
 
 
 @rule("GatherElements")
 def lower_gather_elements(lw, node):
-    lw.bind(node.outputs[0], mb.gather_along_axis(
-        x=x_of(lw, node, 0), indices=x_of(lw, node, 1), axis=int(node.attrs.get("axis", 0)),
-        name=lw.out_name()))
+    data, indices = node.inputs[:2]
+    axis = int(node.attrs.get("axis", 0)) % len(data.shape)
+    x = lw.get(data)
+    # ONNX reads only the leading part of data in the other dims; MIL wants equal sizes
+    end = [d if i == axis else n for i, (d, n) in enumerate(zip(data.shape, indices.shape))]
+    if list(data.shape) != end:
+        x = mb.slice_by_index(x=x, begin=np.zeros(len(end), np.int32),
+                              end=np.asarray(end, np.int32), name=lw.tmp("crop"))
+    idx = lw.get(indices)
+    if not indices.is_const:
+        idx = wrap_negative(lw, idx, data.shape[axis])
+    else:
+        idx = lw.array(np.where(indices.const < 0, indices.const + data.shape[axis],
+                                indices.const))
+    lw.bind(node.outputs[0], mb.gather_along_axis(x=x, indices=idx, axis=axis,
+                                                  name=lw.out_name()))
+
+
+def wrap_negative(lw, raw, dim: int):
+    """Run-time indices: i < 0 -> i + dim (ONNX allows negative indices)."""
+    neg = mb.less(x=raw, y=np.int32(0), name=lw.tmp("neg"))
+    shifted = mb.add(x=raw, y=np.int32(dim), name=lw.tmp("wrap"))
+    return mb.select(cond=neg, a=shifted, b=raw, name=lw.tmp("idx"))
 
 
 @rule("GatherND")
 def lower_gather_nd(lw, node):
+    args = {"x": x_of(lw, node, 0), "indices": x_of(lw, node, 1), "name": lw.out_name()}
     if node.attrs.get("batch_dims", 0):
-        unsupported(lw, "batch_dims > 0 is not supported")
-    lw.bind(node.outputs[0], mb.gather_nd(x=x_of(lw, node, 0), indices=x_of(lw, node, 1),
-                                          name=lw.out_name()))
+        args["batch_dims"] = int(node.attrs["batch_dims"])  # iOS17+ gather_nd
+    lw.bind(node.outputs[0], mb.gather_nd(**args))
 
 
 @rule("TopK")
