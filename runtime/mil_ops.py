@@ -107,7 +107,8 @@ def _param(a, key, default, like):
 # ---- elementwise ---------------------------------------------------------------------------
 
 def _sigmoid(x):
-    return 0.5 * (np.tanh(0.5 * x) + 1)  # no overflow for large |x|, unlike 1/(1+exp(-x))
+    e = np.exp(-np.abs(x))  # never overflows, and keeps precision for very negative x
+    return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
 
 
 _UNARY = {

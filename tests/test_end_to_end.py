@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import seeded
 
 from applec import testing
-from conftest import seeded
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from conftest import seeded
 from onnx import TensorProto, helper, numpy_helper
 
 import applec
 from applec.onnx_import import import_model
 from applec.testing import GraphBuilder, tensor
-from conftest import seeded
 
 
 def save(tmp_path, model, name="m.onnx"):

@@ -21,15 +21,15 @@ import coremltools as ct
 import numpy as np
 import onnxruntime as ort
 import pytest
-from applec.runtime.coreml_reference import ReferenceProgram
-from applec.runtime.mil_ops import EMITTED_BY_LOWERING, MIL_OPS
-from applec.runtime.mil_reader import BlobFile
 from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import types
 from coremltools.libmilstoragepython import _BlobStorageReader, _BlobStorageWriter
 from onnx import TensorProto, helper
 
 from applec.errors import BundleError, InputError
+from applec.runtime.coreml_reference import ReferenceProgram
+from applec.runtime.mil_ops import EMITTED_BY_LOWERING, MIL_OPS
+from applec.runtime.mil_reader import BlobFile
 
 iOS16, iOS17, iOS18 = ct.target.iOS16, ct.target.iOS17, ct.target.iOS18
 RNG = np.random.default_rng(0)
@@ -125,6 +125,7 @@ UNARY = {
     "ceil": np.ceil, "round": np.round, "sign": np.sign, "sin": np.sin, "cos": np.cos,
     "tan": np.tan, "atan": np.arctan, "sinh": np.sinh, "cosh": np.cosh, "square": np.square,
     "silu": lambda x: x * sigmoid(x), "softplus": lambda x: np.log1p(np.exp(x)),
+    "exp2": np.exp2, "identity": lambda x: x,
 }
 for _op, _f in UNARY.items():
     case(_op, lambda x, op=_op: getattr(mb, op)(x=x), lambda x, f=_f: f(x), X * 1.5)

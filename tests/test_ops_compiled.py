@@ -7,14 +7,13 @@ test asserts that compilation fails with that clear error (never a failure at ru
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
 import pytest
+from op_cases import CASES, make_inputs, make_model, output_names
 
 import applec
 from applec.errors import UnsupportedOpError
 from applec.validate import compare, onnxruntime_outputs
-from op_cases import CASES, make_inputs, make_model, output_names
 
 # case id -> the message compilation must fail with
 UNSUPPORTED: dict[str, str] = {

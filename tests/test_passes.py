@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+from conftest import seeded
 from onnx import TensorProto
 
 from applec import interpreter
 from applec.onnx_import import import_model
-from applec.passes import PIPELINE, run_pipeline
-from applec.passes import eliminate_dead_code, eliminate_identity, fold_constants
+from applec.passes import (
+    PIPELINE,
+    eliminate_dead_code,
+    eliminate_identity,
+    fold_constants,
+    run_pipeline,
+)
 from applec.testing import GraphBuilder, tensor
-from conftest import seeded
 
 
 def load(tmp_path, builder, inputs, outputs, shapes=None):

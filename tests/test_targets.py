@@ -7,6 +7,8 @@ from dataclasses import fields
 from importlib import resources
 
 import pytest
+
+from applec.errors import TargetError
 from applec.targets import profiles as chip_profiles
 from applec.targets.profiles import (
     ChipProfile,
@@ -15,8 +17,6 @@ from applec.targets.profiles import (
     load_profile,
     mil_opset,
 )
-
-from applec.errors import TargetError
 from applec.targets_table import profiles_json, profiles_table
 
 ALL = list_profiles()
