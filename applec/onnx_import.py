@@ -56,13 +56,48 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         onnx.load_external_data_for_model(model, str(path.parent))
     except Exception as exc:
         raise ModelError(f"{path}: cannot load external data ({_first_line(exc)})") from None
+    return model
+
+
+# Initializers above this size are left out of the model that onnx checks and infers
+# shapes on: both only need their types and shapes, and copying hundreds of MB of weights
+# through them dominated the import time of BERT-sized models.
+LIGHT_INITIALIZER_BYTES = 4096
+
+
+def light_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` in which large initializers are typed graph inputs, not data."""
+    light = onnx.ModelProto()
+    light.ir_version = max(model.ir_version, 4)  # IR 4+: initializers need not be inputs
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    g, lg = model.graph, light.graph
+    lg.name = g.name
+    lg.node.extend(g.node)
+    lg.input.extend(g.input)
+    lg.output.extend(g.output)
+    lg.value_info.extend(g.value_info)
+    declared = {i.name for i in g.input}
+    for tensor in g.initializer:
+        if len(tensor.raw_data) + 4 * len(tensor.float_data) <= LIGHT_INITIALIZER_BYTES:
+            lg.initializer.append(tensor)
+        elif tensor.name not in declared:
+            lg.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type,
+                                                          list(tensor.dims)))
+    return light
+
+
+def check_and_infer(model: onnx.ModelProto, path) -> onnx.ModelProto:
+    """onnx's checker and shape inference (with data propagation) on the light model."""
+    light = light_model(model)
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(light)
     except onnx.checker.ValidationError as exc:
         raise ModelError(f"{path}: invalid ONNX model: {_first_line(exc)}") from None
-    except ValueError:
-        pass  # models over 2 GB cannot be checked in memory; shape inference still runs
-    return model
+    try:
+        return onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
+    except Exception as exc:
+        raise ModelError(f"{path}: onnx shape inference failed: {_first_line(exc)}") from None
 
 
 def _first_line(exc: Exception) -> str:
@@ -143,12 +178,9 @@ def import_model(path: str | os.PathLike,
     model = load_model(path)
     opset = opset_of(model)
     fix_input_shapes(model, dict(shapes or {}))
+    inferred = check_and_infer(model, path)
     _check_ops_supported(model, opset)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
-    except Exception as exc:
-        raise ModelError(f"{path}: onnx shape inference failed: {_first_line(exc)}") from None
-    graph = _Builder(inferred, opset).build()
+    graph = _Builder(model, inferred, opset).build()
     graph.meta["source"] = Path(path).name
     graph.meta["opset"] = opset
     propagate(graph)
@@ -176,8 +208,9 @@ def _check_ops_supported(model: onnx.ModelProto, opset: int) -> None:
 class _Builder:
     """Walks one ONNX graph and emits IR nodes in canonical form."""
 
-    def __init__(self, model: onnx.ModelProto, opset: int):
+    def __init__(self, model: onnx.ModelProto, inferred: onnx.ModelProto, opset: int):
         self.model = model
+        self.inferred_model = inferred
         self.opset = opset
         self.graph = Graph(model.graph.name or "main")
         self.values: dict[str, Value] = {}
@@ -207,7 +240,7 @@ class _Builder:
         return self.graph
 
     def _collect_inferred(self) -> None:
-        g = self.model.graph
+        g = self.inferred_model.graph
         for info in list(g.value_info) + list(g.output):
             tensor_type = info.type.tensor_type
             if not info.type.HasField("tensor_type") or not tensor_type.HasField("shape"):
