@@ -283,24 +283,20 @@ def version():
 
 # -- entry point -----------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    import click
-
+    """Run the CLI; returns the exit code (the console script passes it to sys.exit)."""
     command = typer.main.get_command(app)
     try:
-        result = command.main(args=argv, prog_name="applec", standalone_mode=False)
+        # standalone mode: usage errors print their message and exit 2, as typer does
+        command.main(args=argv, prog_name="applec", standalone_mode=True)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except ApplecError as exc:
         err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return exc.exit_code
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        return 2
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except KeyboardInterrupt:
         err.print("[red]error:[/] interrupted")
         return 130
-    return result if isinstance(result, int) else 0
-
+    return 0
 
 
 if __name__ == "__main__":

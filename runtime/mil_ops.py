@@ -28,7 +28,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 MIL_OPS: dict[str, Callable] = {}
 
-# Every op type the CoreML lowering may emit today (priority A); a test keeps this list
+# Every op type the CoreML lowering may emit today (targets/coreml); a test keeps this list
 # and MIL_OPS in step.
 EMITTED_BY_LOWERING = (
     "const", "cast", "identity", "add", "sub", "mul", "real_div", "floor_div", "mod", "pow",
@@ -43,7 +43,8 @@ EMITTED_BY_LOWERING = (
     "transpose", "gather", "gather_along_axis", "gather_nd", "concat", "split",
     "slice_by_index", "slice_by_size", "squeeze", "expand_dims", "tile", "fill", "range_1d",
     "pad", "shape", "topk", "cumsum", "argsort", "band_part", "scaled_dot_product_attention",
-    "upsample_nearest_neighbor", "upsample_bilinear", "resize_bilinear",
+    "upsample_nearest_neighbor", "upsample_bilinear", "resize_bilinear", "conv_transpose",
+    "local_response_norm", "reverse",
 )
 
 
@@ -456,21 +457,22 @@ def conv_transpose(a, outs):
 
 
 def _crop_transpose_output(a, y, full, declared, strides, in_sizes):
-    """Remove conv_transpose padding; pad zeros after if the wanted size exceeds `full`."""
+    """Crop conv_transpose's full result to the output size, zero-padding after if it is
+    larger. An `output_shape` (or the declared shape) wins; "same" centres the crop with
+    the odd element after, as TensorFlow does; "custom" starts at the leading pad."""
     nd, pad_type = len(full), _str(a, "pad_type", "valid")
     wanted = _ints(a, "output_shape") or list(declared)
     wanted = wanted[2:] if len(wanted) == nd + 2 else [None] * nd
-    starts = [0] * nd
-    if pad_type == "custom":
-        pad = _ints(a, "pad", [0] * 2 * nd)
-        starts = [pad[2 * i] for i in range(nd)]
-        sizes = [f - pad[2 * i] - pad[2 * i + 1] for i, f in enumerate(full)]
-    elif pad_type == "same":
+    pad = _ints(a, "pad", [0] * 2 * nd) if pad_type == "custom" else [0] * 2 * nd
+    if pad_type == "same":
         sizes = [i * s for i, s in zip(in_sizes, strides)]
+    else:
+        sizes = [f - pad[2 * i] - pad[2 * i + 1] for i, f in enumerate(full)]
+    sizes = [w if w is not None else s for w, s in zip(wanted, sizes)]
+    if pad_type == "same":
         starts = [max(0, f - sz) // 2 for f, sz in zip(full, sizes)]
     else:
-        sizes = list(full)
-    sizes = [w if w is not None else s for w, s in zip(wanted, sizes)]
+        starts = [pad[2 * i] for i in range(nd)]
     grow = [(0, max(0, st + sz - f)) for st, sz, f in zip(starts, sizes, full)]
     crop = tuple(slice(st, st + sz) for st, sz in zip(starts, sizes))
     return _pad_spatial(y, grow)[(slice(None), slice(None)) + crop]

@@ -438,6 +438,12 @@ conv_transpose_case("conv_transpose", rand(1, 4, 5, 6), rand(4, 3, 3, 3), [2, 2]
 conv_transpose_case("conv_transpose_groups", rand(2, 4, 5, 4), rand(4, 2, 2, 3), [1, 2],
                     [0, 0, 1, 1], groups=2, dil=[2, 1])
 conv_transpose_case("conv_transpose1d", rand(1, 3, 7), rand(3, 2, 4), [3], [1, 2])
+W_CT = rand(4, 3, 3, 3)
+case("conv_transpose_same", lambda v: mb.conv_transpose(x=v, weight=W_CT, strides=[3, 2],
+                                                        pad_type="same"),
+     lambda v: onnx_run("ConvTranspose", {"x": v, "w": W_CT},
+                        {"strides": [3, 2], "auto_pad": "SAME_UPPER"}), rand(1, 4, 5, 6),
+     rtol=1e-4, atol=1e-5)
 HID, T, BATCH = 4, 5, 2
 # ONNX stacks LSTM gates as i, o, f, c; MIL as i, f, o, z (z = cell).
 IFOZ = np.concatenate([np.arange(HID), np.arange(2 * HID, 3 * HID), np.arange(HID, 2 * HID),
