@@ -20,11 +20,7 @@ from collections.abc import Callable
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
-
-try:  # scipy is optional: its erf is vectorised, the fallback is exact but slow.
-    from scipy.special import erf as _erf
-except ImportError:  # pragma: no cover - depends on the environment
-    _erf = np.vectorize(math.erf, otypes=[np.float64])
+from scipy.special import erf as _erf
 
 MIL_OPS: dict[str, Callable] = {}
 
