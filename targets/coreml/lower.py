@@ -16,7 +16,9 @@ naming the node.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -29,7 +31,6 @@ import numpy as np
 from applec.errors import ModelError, UnsupportedOpError
 from applec.ir import Graph, Node, Value
 
-os.environ.setdefault("TQDM_DISABLE", "1")  # coremltools prints a progress bar per pipeline
 
 FP16_MAX = float(np.finfo(np.float16).max)
 INT32_MIN, INT32_MAX = np.iinfo(np.int32).min, np.iinfo(np.int32).max
@@ -230,10 +231,12 @@ def write_mlpackage(lowered: Lowered, target, path: Path, *, description: str) -
     import coremltools as ct
     from coremltools.proto import Model_pb2
 
-    model = ct.convert(lowered.program, convert_to="mlprogram",
-                       minimum_deployment_target=target,
-                       compute_precision=ct.precision.FLOAT32,
-                       pass_pipeline=ct.PassPipeline.EMPTY, skip_model_load=True)
+    # coremltools draws a progress bar per (empty) pass pipeline on stderr
+    with contextlib.redirect_stderr(io.StringIO()):
+        model = ct.convert(lowered.program, convert_to="mlprogram",
+                           minimum_deployment_target=target,
+                           compute_precision=ct.precision.FLOAT32,
+                           pass_pipeline=ct.PassPipeline.EMPTY, skip_model_load=True)
     model.save(str(path))
     data = path / "Data" / "com.apple.CoreML"
     spec = Model_pb2.Model()
