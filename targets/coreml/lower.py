@@ -112,12 +112,15 @@ class Lowerer:
         """Constant data narrowed to what CoreML holds (see module doc)."""
         array = np.asarray(array)
         target = self.mil_dtype(array.dtype)
-        if array.dtype.kind == "f" and target == np.float16:
-            finite = np.isfinite(array)
-            if np.any(np.abs(array[finite]) > FP16_MAX):
-                self.notes.append(f"{name}: float values beyond the fp16 range saturated "
-                                  f"to +-{FP16_MAX:g}")
-                array = np.where(finite, np.clip(array, -FP16_MAX, FP16_MAX), array)
+        if array.dtype.kind == "f" and target == np.float16 and array.size:
+            # one pass over the weights in the common case: min/max ignore nothing, but
+            # an infinite extreme just sends us to the slower exact path
+            if max(-float(array.min()), float(array.max())) > FP16_MAX:
+                finite = np.isfinite(array)
+                if np.any(np.abs(array[finite]) > FP16_MAX):
+                    self.notes.append(f"{name}: float values beyond the fp16 range "
+                                      f"saturated to +-{FP16_MAX:g}")
+                    array = np.where(finite, np.clip(array, -FP16_MAX, FP16_MAX), array)
         elif array.dtype.kind in "iu" and array.dtype != np.int32 and array.size:
             low, high = array.min(), array.max()
             if low < INT32_MIN or high > INT32_MAX:
