@@ -13,7 +13,20 @@ from collections.abc import Callable
 from applec.errors import ModelError
 from applec.ir import Graph
 
-from . import eliminate_dead_code, eliminate_identity, fold_constants
+from . import (
+    eliminate_common_subexpressions,
+    eliminate_dead_code,
+    eliminate_identity,
+    fold_constants,
+    fuse_attention,
+    fuse_conv_batchnorm,
+    fuse_gelu,
+    fuse_hard_swish,
+    fuse_layer_norm,
+    fuse_matmul_add,
+    fuse_rms_norm,
+    fuse_silu,
+)
 
 PassFn = Callable[[Graph], int]
 
@@ -21,10 +34,30 @@ PassFn = Callable[[Graph], int]
 # - fold_constants first: exporters leave shape arithmetic that other passes must see as
 #   constants (a Reshape's target shape, a Squeeze's axes).
 # - eliminate_identity after folding: folding turns Cast/Reshape into no-ops it can spot.
+# - eliminate_common_subexpressions after both (folding leaves equal constants to merge)
+#   and before the fusions: patterns that read a value twice (x * x, x - mean(x),
+#   x * sigmoid(x)) match only when it is one value, not two equal computations.
+# - the fusions after the cleanups: they match constants (weights, epsilons, axes) and
+#   need the Identity/Cast no-ops between pattern nodes gone.
+# - fuse_layer_norm before fuse_rms_norm: the RMSNorm pattern also matches a LayerNorm's
+#   tail (with x - mean as its input), which would leave the LayerNorm unfusable.
+# - fuse_attention before fuse_matmul_add: an unscaled attention's Add(MatMul(q, kT), mask)
+#   is a biased MatMul when K and the mask are constants.
+# - fuse_conv_batchnorm, fuse_gelu, fuse_silu, fuse_hard_swish touch disjoint ops and
+#   commute with the others.
 # - eliminate_dead_code last: every pass above leaves unused values behind.
 PIPELINE: list[tuple[str, PassFn]] = [
     ("fold_constants", fold_constants.run),
     ("eliminate_identity", eliminate_identity.run),
+    ("eliminate_common_subexpressions", eliminate_common_subexpressions.run),
+    ("fuse_conv_batchnorm", fuse_conv_batchnorm.run),
+    ("fuse_layer_norm", fuse_layer_norm.run),
+    ("fuse_rms_norm", fuse_rms_norm.run),
+    ("fuse_gelu", fuse_gelu.run),
+    ("fuse_silu", fuse_silu.run),
+    ("fuse_hard_swish", fuse_hard_swish.run),
+    ("fuse_attention", fuse_attention.run),
+    ("fuse_matmul_add", fuse_matmul_add.run),
     ("eliminate_dead_code", eliminate_dead_code.run),
 ]
 

@@ -19,7 +19,8 @@ def test_cnn(compiled, precision):
         assert checks["probs"].cosine >= 0.999
     ops = c.result.report["nodes"]
     assert ops["depthwise"]["mil_ops"] == ["conv"]
-    assert all(entry["status"] == "lowered" for entry in ops.values())
+    assert all(entry["status"] in ("lowered", "fused") for entry in ops.values())
+    assert ops["batchnormalization_2"]["fused_into"] == "conv1"
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])

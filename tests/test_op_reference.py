@@ -63,8 +63,10 @@ def test_op_matches_onnxruntime(case: OpCase):
 
 def test_every_op_has_a_case():
     covered = {c.op_type for c in CASES}
-    assert not set(OPS) - covered, f"ops without a case: {sorted(set(OPS) - covered)}"
-    assert not covered - set(OPS), f"cases for unknown ops: {sorted(covered - set(OPS))}"
+    # internal fused ops (applec.*) have no ONNX form; tests/test_fusions.py covers them
+    onnx_ops = {op for op in OPS if not op.startswith("applec.")}
+    assert not onnx_ops - covered, f"ops without a case: {sorted(onnx_ops - covered)}"
+    assert not covered - onnx_ops, f"cases for unknown ops: {sorted(covered - onnx_ops)}"
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

@@ -142,4 +142,4 @@ class Binary(OpDef):
 
 
 # Importing the entry modules fills OPS.
-from . import elementwise, nn, reduce, tensor  # noqa: E402,F401
+from . import elementwise, fused, nn, reduce, tensor  # noqa: E402,F401

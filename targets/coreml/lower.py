@@ -65,12 +65,13 @@ class Lowered:
 class Lowerer:
     """State of one lowering: IR value -> MIL var, names, dtypes."""
 
-    def __init__(self, graph: Graph, precision: str):
+    def __init__(self, graph: Graph, precision: str, opset=None):
         from coremltools.converters.mil import Builder as mb
 
         self.mb = mb
         self.graph = graph
         self.precision = precision
+        self.opset = opset  # a coremltools target (ct.target.iOS18, ...): rules may ask
         self.float_dtype = np.float16 if precision == "fp16" else np.float32
         self.vars: dict[int, object] = {}
         self.names: set[str] = set()
@@ -170,7 +171,7 @@ def lower_to_program(graph: Graph, precision: str, opset) -> Lowered:
 
     from .rules import RULES
 
-    lw = Lowerer(graph, precision)
+    lw = Lowerer(graph, precision, opset)
     specs, inputs = {}, []
     for value in graph.inputs:
         feature = lw.unique(value.name)

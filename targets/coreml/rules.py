@@ -744,3 +744,6 @@ def lower_trilu(lw, node):
     keep = (j - i >= k) if node.attrs.get("upper", 1) else (j - i <= k)
     zeros = np.zeros((), lw.mil_dtype(x.dtype))
     lw.bind(node.outputs[0], mb.select(cond=keep, a=lw.get(x), b=zeros, name=lw.out_name()))
+
+
+from . import rules_fused  # noqa: E402,F401  (registers the fused ops)

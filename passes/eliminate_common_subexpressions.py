@@ -1,0 +1,91 @@
+"""eliminate_common_subexpressions: compute each distinct thing once.
+
+Rules:
+- constants with the same dtype, shape and bytes are one constant (found by a hash of the
+  data, confirmed byte for byte);
+- nodes with the same op type, the same inputs (by identity, after the constant merge)
+  and equal attributes are one node: readers of the later one read the earlier one;
+- a node producing a graph output is never the one removed, so output names stay; ops
+  whose result is random are never merged.
+
+    before: a = Exp(x); b = Exp(x); y = Add(a, b)
+    after:  a = Exp(x); y = Add(a, a)
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from applec.ir import Graph, Node, Value
+
+RANDOM_OPS = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
+              "Multinomial", "Bernoulli"}
+
+
+def run(graph: Graph) -> int:
+    return _merge_constants(graph) + _merge_nodes(graph)
+
+
+def _merge_constants(graph: Graph) -> int:
+    outputs = {id(v) for v in graph.outputs}
+    first: dict[tuple, list[Value]] = {}
+    merged = 0
+    for node in graph.nodes:
+        for i, value in enumerate(node.inputs):
+            if value is None or not value.is_const:
+                continue
+            data = np.ascontiguousarray(value.const)
+            key = (data.dtype.str, data.shape, hashlib.sha256(data.tobytes()).digest())
+            same = first.setdefault(key, [])
+            keep = next((c for c in same if c is value or _same_bytes(c, data)), None)
+            if keep is None:
+                same.append(value)
+            elif keep is not value and id(value) not in outputs:
+                node.set_input(i, keep)
+                merged += 1 if not value.users else 0  # count each constant once, when gone
+    return merged
+
+
+def _same_bytes(value: Value, data: np.ndarray) -> bool:
+    return np.ascontiguousarray(value.const).tobytes() == data.tobytes()
+
+
+def _merge_nodes(graph: Graph) -> int:
+    outputs = {id(v) for v in graph.outputs}
+    seen: dict[tuple, Node] = {}
+    merged = 0
+    for node in list(graph.nodes):
+        if node.op_type in RANDOM_OPS:
+            continue
+        key = (node.op_type, tuple(id(v) if v is not None else None for v in node.inputs),
+               _frozen(node.attrs), len(node.outputs))
+        earlier = seen.setdefault(key, node)
+        if earlier is node or any(id(v) in outputs for v in node.outputs):
+            continue
+        for old, new in zip(node.outputs, earlier.outputs):
+            graph.replace_all_uses(old, new)
+        graph.remove_node(node)
+        merged += 1
+        entry = graph.meta.get("report", {}).get(node.meta.get("onnx_node"))
+        if (entry is not None and entry.get("status") == "imported"
+                and node.meta.get("onnx_node") != earlier.meta.get("onnx_node")):
+            entry.update(status="eliminated",
+                         reason=f"computes the same as '{earlier.name}'")
+    return merged
+
+
+def _frozen(value):
+    """A hashable, equality-preserving form of an attribute value."""
+    if isinstance(value, dict):
+        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    if isinstance(value, np.ndarray):
+        return ("array", value.dtype.str, value.shape, value.tobytes())
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    if isinstance(value, np.dtype):
+        return ("dtype", value.str)
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
