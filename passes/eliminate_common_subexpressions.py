@@ -14,8 +14,6 @@ Rules:
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 
 from applec.ir import Graph, Node, Value
@@ -36,10 +34,10 @@ def _merge_constants(graph: Graph) -> int:
         for i, value in enumerate(node.inputs):
             if value is None or not value.is_const:
                 continue
-            data = np.ascontiguousarray(value.const)
-            key = (data.dtype.str, data.shape, hashlib.sha256(data.tobytes()).digest())
-            same = first.setdefault(key, [])
-            keep = next((c for c in same if c is value or _same_bytes(c, data)), None)
+            # cheap key first (weights of one shape are common; their bytes rarely are)
+            same = first.setdefault(_key(value.const), [])
+            keep = next((c for c in same if c is value or _same_bytes(c.const, value.const)),
+                        None)
             if keep is None:
                 same.append(value)
             elif keep is not value and id(value) not in outputs:
@@ -48,8 +46,19 @@ def _merge_constants(graph: Graph) -> int:
     return merged
 
 
-def _same_bytes(value: Value, data: np.ndarray) -> bool:
-    return np.ascontiguousarray(value.const).tobytes() == data.tobytes()
+SAMPLE = 64  # elements compared before the whole tensor
+
+
+def _key(data: np.ndarray) -> tuple:
+    flat = data.reshape(-1)
+    step = max(flat.size // SAMPLE, 1)
+    return data.dtype.str, data.shape, flat[::step][:SAMPLE].tobytes()
+
+
+def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
+    # bytes, not values: -0.0 and 0.0 must stay apart (1/x tells them apart)
+    return a.dtype == b.dtype and a.shape == b.shape and \
+        np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
 
 
 def _merge_nodes(graph: Graph) -> int:
