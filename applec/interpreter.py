@@ -50,7 +50,8 @@ def try_fold(graph: Graph, node: Node) -> bool:
         if x.shape is None:
             return False
         results = [SHAPE_ONLY_OPS[node.op_type](x, node)]
-    elif all(v is None or v.is_const for v in node.inputs):
+    elif ops.get(node.op_type, node).foldable and \
+            all(v is None or v.is_const for v in node.inputs):
         ops.infer_node(node)
         new = sum(v.size for v in node.outputs)
         old = sum(v.size for v in node.inputs if v is not None)

@@ -33,6 +33,9 @@ class OpDef:
     op_type: ClassVar[str] = ""
     attrs: ClassVar[dict[str, Any]] = {}
     static_inputs: ClassVar[tuple[int, ...]] = ()
+    # False for ops whose constant inputs must reach the lowering as they are (a quantized
+    # weight's dequantization is done by the target, not folded back to floats)
+    foldable: ClassVar[bool] = True
 
     # -- the two rules ------------------------------------------------------------------
     def infer(self, node: Node) -> list[tuple[tuple[int, ...], np.dtype]]:
