@@ -249,10 +249,15 @@ def inspect(
                       ", ".join(x["tensor"] for x in p["inputs"]),
                       ", ".join(x["tensor"] for x in p["outputs"]))
     out.print(parts)
-    nodes = Table(title="ONNX nodes", title_justify="left")
+    counts: dict[str, int] = {}
+    for entry in report["nodes"].values():
+        counts[entry["status"]] = counts.get(entry["status"], 0) + 1
+    nodes = Table(title="ONNX nodes, in graph order: " + ", ".join(
+        f"{n} {s}" for s, n in sorted(counts.items())), title_justify="left")
     for column in ("node", "op", "status", "where", "why / MIL ops"):
         nodes.add_column(column)
-    for name, entry in report["nodes"].items():
+    ordered = sorted(report["nodes"].items(), key=lambda item: item[1].get("index", 0))
+    for name, entry in ordered:
         why = " ".join(entry.get("mil_ops", [])) or entry.get("reason", "")
         nodes.add_row(name, entry["op_type"], entry["status"], entry.get("partition", "-"), why)
     out.print(nodes)

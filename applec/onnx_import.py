@@ -264,7 +264,8 @@ class _Builder:
     def _node(self, proto: onnx.NodeProto, index: int) -> None:
         name = proto.name or f"{proto.op_type}_{index}"
         attrs = {a.name: self._attr(a, name) for a in proto.attribute}
-        self.graph.meta["report"][name] = {"op_type": proto.op_type, "status": "imported"}
+        self.graph.meta["report"][name] = {"op_type": proto.op_type, "status": "imported",
+                                           "index": index}
         if proto.op_type == "Constant":
             self._constant(proto, name, attrs)
             return
