@@ -64,7 +64,7 @@ def compare(name: str, got: np.ndarray, want: np.ndarray, precision: str) -> Out
     g, w = got.astype(np.float64).ravel(), want.astype(np.float64).ravel()
     finite = np.isfinite(w) & np.isfinite(g)
     same_nonfinite = np.array_equal(~np.isfinite(g), ~np.isfinite(w)) and \
-        np.array_equal(g[~finite], w[~finite])
+        np.array_equal(g[~finite], w[~finite], equal_nan=True)
     diff = np.abs(g[finite] - w[finite])
     max_abs = float(diff.max()) if diff.size else 0.0
     scale = float(np.abs(w[finite]).max()) if diff.size else 0.0

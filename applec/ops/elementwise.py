@@ -32,7 +32,8 @@ class Math(Unary):
     fn = staticmethod(lambda x: x)
 
     def reference(self, node, inputs):
-        return [_same_dtype(inputs[0], self.fn(inputs[0]))]
+        with np.errstate(all="ignore"):  # log(0) = -inf, sqrt(-1) = NaN: ONNX's answers
+            return [_same_dtype(inputs[0], self.fn(inputs[0]))]
 
 
 # -- unary math --------------------------------------------------------------------------
@@ -250,7 +251,8 @@ class Div(Binary):
     def reference(self, node, inputs):
         a, b = inputs
         if a.dtype.kind not in "iu":
-            return [a / b]
+            with np.errstate(all="ignore"):  # x / 0 = +-inf or NaN, as IEEE says
+                return [a / b]
         with np.errstate(divide="ignore"):
             q = a // b
             inexact = (a % b != 0) & ((a < 0) != (b < 0))
@@ -275,14 +277,11 @@ class Pow(Binary):
 
 @register
 class Mod(Binary):
-    """fmod=0: result has the divisor's sign (integers only); fmod=1: the dividend's."""
+    """fmod=0: a - floor(a / b) * b, the divisor's sign (floats too since opset 28, with
+    Python's special cases: x % inf keeps x when the signs agree); fmod=1: C's fmod, the
+    dividend's sign."""
 
     attrs = {"fmod": 0}
-
-    def infer(self, node):
-        if node.inputs[0].dtype.kind == "f" and not self.attr(node, "fmod"):
-            self.fail(node, "floating-point Mod needs fmod=1")
-        return super().infer(node)
 
     def reference(self, node, inputs):
         a, b = inputs

@@ -43,7 +43,8 @@ class Reduce(OpDef):
         x = inputs[0]
         axes = self.axes(node, x.ndim, inputs[1] if len(inputs) > 1 else None)
         keep = bool(self.attr(node, "keepdims"))
-        return [np.asarray(self.reduce(_acc(x), axes, keep)).astype(x.dtype)]
+        with np.errstate(all="ignore"):  # e.g. log of an empty sum is -inf, as ONNX says
+            return [np.asarray(self.reduce(_acc(x), axes, keep)).astype(x.dtype)]
 
     def reduce(self, x: np.ndarray, axes: tuple[int, ...], keep: bool) -> np.ndarray:
         raise NotImplementedError
@@ -61,16 +62,30 @@ class ReduceMean(Reduce):
         return np.mean(x, axis=axes, keepdims=keep, dtype=x.dtype)
 
 
+def _lowest(dtype: np.dtype):
+    """The identity of max: what the maximum of an empty set is (ONNX: -inf, the int's
+    minimum, False)."""
+    if dtype.kind == "f":
+        return -np.inf
+    return False if dtype.kind == "b" else np.iinfo(dtype).min
+
+
+def _highest(dtype: np.dtype):
+    if dtype.kind == "f":
+        return np.inf
+    return True if dtype.kind == "b" else np.iinfo(dtype).max
+
+
 @register
 class ReduceMax(Reduce):
     def reduce(self, x, axes, keep):
-        return np.max(x, axis=axes, keepdims=keep)
+        return np.max(x, axis=axes, keepdims=keep, initial=_lowest(x.dtype))
 
 
 @register
 class ReduceMin(Reduce):
     def reduce(self, x, axes, keep):
-        return np.min(x, axis=axes, keepdims=keep)
+        return np.min(x, axis=axes, keepdims=keep, initial=_highest(x.dtype))
 
 
 @register
@@ -102,7 +117,7 @@ class ReduceLogSumExp(Reduce):
     def reduce(self, x, axes, keep):
         if not axes:
             return x
-        top = np.max(x, axis=axes, keepdims=True)
+        top = np.max(x, axis=axes, keepdims=True, initial=-np.inf)
         top = np.where(np.isfinite(top), top, 0)  # keeps all -inf rows at -inf, not NaN
         total = np.log(np.sum(np.exp(x - top), axis=axes, keepdims=True)) + top
         return total if keep else np.squeeze(total, axis=axes)

@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 
+from ..errors import UnsupportedOpError
 from . import REQUIRED, OpDef, as_ints, normalize_axis, register
 
 
@@ -339,9 +340,17 @@ class Trilu(OpDef):
 
 
 # -- dtype -------------------------------------------------------------------------------
+# numpy's own dtypes. The ml_dtypes ones onnx maps float8/bfloat16/int4 to have no numpy
+# arithmetic we could trust for a reference (casts do not saturate) and no CoreML type.
+STANDARD_DTYPES = {np.dtype(t) for t in (bool, np.int8, np.int16, np.int32, np.int64,
+                                         np.uint8, np.uint16, np.uint32, np.uint64,
+                                         np.float16, np.float32, np.float64)}
+
+
 def _check_castable(op: OpDef, node, dtype: np.dtype) -> np.dtype:
-    if dtype.kind not in "biuf":
-        op.fail(node, f"cannot cast to {dtype}")
+    if dtype not in STANDARD_DTYPES:
+        raise UnsupportedOpError(f"{op.op_type} node '{node.name}': dtype {dtype} is not "
+                                 "supported (no numpy or CoreML arithmetic for it)")
     return dtype
 
 
@@ -456,7 +465,8 @@ class Range(OpDef):
 
     def infer(self, node):
         bounds = [self.static(node, i) for i in range(3)]
-        return [((self.count(node, *bounds),), node.inputs[0].dtype)]
+        dtype = _check_castable(self, node, node.inputs[0].dtype)
+        return [((self.count(node, *bounds),), dtype)]
 
     def reference(self, node, inputs):
         start, limit, delta = inputs
@@ -470,7 +480,7 @@ class Pad(OpDef):
     mode constant, reflect, edge or wrap."""
 
     attrs = {"mode": "constant"}
-    static_inputs = (1, 2, 3)
+    static_inputs = (1, 3)
     MODES = ("constant", "reflect", "edge", "wrap")  # numpy.pad's names too
 
     def widths(self, node, in_shape, pads, axes) -> list[tuple[int, int]]:

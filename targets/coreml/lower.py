@@ -17,6 +17,7 @@ naming the node.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import io
 import json
@@ -235,12 +236,18 @@ def write_mlpackage(lowered: Lowered, target, path: Path, *, description: str) -
     import coremltools as ct
     from coremltools.proto import Model_pb2
 
-    # coremltools draws a progress bar per (empty) pass pipeline on stderr
-    with contextlib.redirect_stderr(io.StringIO()):
-        model = ct.convert(lowered.program, convert_to="mlprogram",
-                           minimum_deployment_target=target,
-                           compute_precision=ct.precision.FLOAT32,
-                           pass_pipeline=ct.PassPipeline.EMPTY, skip_model_load=True)
+    # coremltools draws a progress bar per (empty) pass pipeline on stderr, and runs a full
+    # gc.collect() per conversion: with the heap frozen that scan costs ~0 instead of
+    # ~0.15 s (ten times a small model's whole compile)
+    gc.freeze()
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            model = ct.convert(lowered.program, convert_to="mlprogram",
+                               minimum_deployment_target=target,
+                               compute_precision=ct.precision.FLOAT32,
+                               pass_pipeline=ct.PassPipeline.EMPTY, skip_model_load=True)
+    finally:
+        gc.unfreeze()
     model.save(str(path))
     data = path / "Data" / "com.apple.CoreML"
     spec = Model_pb2.Model()

@@ -19,13 +19,50 @@ from .lower import Lowerer
 
 RULES: dict[str, Callable[[Lowerer, Node], None]] = {}
 
+MAX_RANK = 5  # CoreML ML programs hold tensors of rank 0 to 5
+# dtypes a program can hold after narrowing (lower.py): int64 -> int32, float64 -> fp32...
+NARROWABLE = {np.dtype(t) for t in (bool, np.int8, np.int16, np.int32, np.int64, np.uint8,
+                                    np.uint16, np.uint32, np.uint64, np.float16,
+                                    np.float32, np.float64)}
+
 
 def rule(*op_types: str):
+    """Register the decorated function as the lowering of `op_types`, behind the checks
+    every rule needs (`check_representable`)."""
     def register(fn):
+        def checked(lw, node):
+            check_representable(lw, node)
+            fn(lw, node)
+
+        checked.__name__, checked.__doc__ = fn.__name__, fn.__doc__
         for op_type in op_types:
-            RULES[op_type] = fn
+            RULES[op_type] = checked
         return fn
     return register
+
+
+def check_representable(lw: Lowerer, node: Node) -> None:
+    """Refuse, at compile time, a node whose tensors CoreML cannot hold: rank above 5,
+    zero elements, or a dtype with no CoreML counterpart (float8, bfloat16, int4...)."""
+    for value in list(node.inputs) + list(node.outputs):
+        if value is None:
+            continue
+        if len(value.shape) > MAX_RANK:
+            unsupported(lw, f"'{value.name}' has rank {len(value.shape)}; CoreML tensors "
+                            f"have rank <= {MAX_RANK}")
+        if value.dtype not in NARROWABLE:
+            unsupported(lw, f"'{value.name}' has dtype {value.dtype}, which CoreML lacks")
+        # empty constants are read as data; an empty Split part that only Concat reads
+        # never becomes a tensor (Split leaves it out, Concat skips it)
+        if value.size == 0 and not value.is_const and not (
+                node.op_type in ("Split", "Concat") and only_concatenated(lw, value)):
+            unsupported(lw, f"'{value.name}' has shape {list(value.shape)}: CoreML cannot "
+                            "hold a tensor with zero elements")
+
+
+def only_concatenated(lw: Lowerer, value) -> bool:
+    return bool(value.users) and all(u.op_type == "Concat" for u in value.users) \
+        and all(value is not out for out in lw.graph.outputs)
 
 
 def unsupported(lw: Lowerer, why: str):
@@ -115,9 +152,11 @@ def lower_clip(lw, node):
     x = node.inputs[0]
     low, high = node.input(1), node.input(2)
     var = lw.get(x)
-    if is_float(x) and (low is None or low.is_const) and (high is None or high.is_const):
-        lo = float(low.const) if low is not None else -np.inf
-        hi = float(high.const) if high is not None else np.inf
+    lo = float(low.const) if low is not None and low.is_const else -np.inf
+    hi = float(high.const) if high is not None and high.is_const else np.inf
+    # MIL clip needs min < max; ONNX gives max everywhere when min > max (min first)
+    if is_float(x) and (low is None or low.is_const) and (high is None or high.is_const) \
+            and lo < hi:
         lo = max(lo, float(np.finfo(lw.float_dtype).min))
         hi = min(hi, float(np.finfo(lw.float_dtype).max))
         lw.bind(node.outputs[0], mb.clip(x=var, alpha=np.asarray(lo, lw.float_dtype),
@@ -203,8 +242,31 @@ def lower_variadic(lw, node):
 
 @rule("Where")
 def lower_where(lw, node):
-    lw.bind(node.outputs[0], mb.select(cond=x_of(lw, node, 0), a=x_of(lw, node, 1),
-                                       b=x_of(lw, node, 2), name=lw.out_name()))
+    cond, a, b = node.inputs
+    shape = node.outputs[0].shape
+    # MIL select takes its shape from a and b alone: a wider cond must widen one of them
+    if np.broadcast_shapes(a.shape, b.shape) != shape:
+        a_var = broadcast_to(lw, a, shape)
+    else:
+        a_var = lw.get(a)
+    lw.bind(node.outputs[0], mb.select(cond=lw.get(cond), a=a_var, b=lw.get(b),
+                                       name=lw.out_name()))
+
+
+def broadcast_to(lw, value, shape):
+    """`value` broadcast to `shape` (numpy rules): constants in place, vars by tiling."""
+    shape = tuple(shape)
+    if value.is_const:
+        return lw.array(np.broadcast_to(value.const, shape), value.name)
+    var = lw.get(value)
+    if value.shape == shape:
+        return var
+    padded = (1,) * (len(shape) - len(value.shape)) + tuple(value.shape)
+    if padded != value.shape:
+        var = mb.reshape(x=var, shape=list(padded), name=lw.tmp("rank"))
+    if padded == shape:
+        return var
+    return mb.tile(x=var, reps=[o // p for o, p in zip(shape, padded)], name=lw.tmp("tile"))
 
 
 @rule("Cast", "CastLike")
@@ -413,33 +475,61 @@ def lower_batch_norm(lw, node):
     x = node.inputs[0]
     params = node.inputs[1:5]
     eps = float(node.attrs.get("epsilon", 1e-5))
-    if all(p.is_const for p in params):
-        gamma, beta, mean, var = (p.const.astype(np.float64) for p in params)
-        scale = gamma / np.sqrt(var + eps)
-        shift = beta - mean * scale
-        if 3 <= len(x.shape) <= 5:
-            lw.bind(node.outputs[0], mb.batch_norm(
-                x=lw.get(x), mean=lw.array(mean, "mean"), variance=lw.array(var, "var"),
-                gamma=lw.array(gamma, "gamma"), beta=lw.array(beta, "beta"), epsilon=lw.scalar(eps),
-                name=lw.out_name()))
-            return
-        bshape = (-1,) + (1,) * (len(x.shape) - 2)
-        y = mb.mul(x=lw.get(x), y=lw.array(scale.reshape(bshape), "scale"),
-                   name=lw.tmp("scale"))
-        lw.bind(node.outputs[0], mb.add(x=y, y=lw.array(shift.reshape(bshape), "shift"),
-                                        name=lw.out_name()))
+    bshape = [-1] + [1] * (len(x.shape) - 2)
+    if not all(p.is_const for p in params):  # run-time statistics: the formula itself
+        gamma, beta, mean, var = (per_channel(lw, p, bshape, k) for p, k in
+                                  zip(params, ("gamma", "beta", "mean", "var")))
+        scale = mb.mul(x=gamma, y=mb.rsqrt(x=var, epsilon=lw.scalar(eps), name=lw.tmp("inv")),
+                       name=lw.tmp("scale"))
+        centered = mb.sub(x=lw.get(x), y=mean, name=lw.tmp("centered"))
+        y = mb.mul(x=centered, y=scale, name=lw.tmp("scaled"))
+        lw.bind(node.outputs[0], mb.add(x=y, y=beta, name=lw.out_name()))
         return
-    unsupported(lw, "scale, bias, mean and variance must be constants")
+    gamma, beta, mean, var = (p.const.astype(np.float64) for p in params)
+    if 3 <= len(x.shape) <= 5:
+        lw.bind(node.outputs[0], mb.batch_norm(
+            x=lw.get(x), mean=lw.array(mean, "mean"), variance=lw.array(var, "var"),
+            gamma=lw.array(gamma, "gamma"), beta=lw.array(beta, "beta"),
+            epsilon=lw.scalar(eps), name=lw.out_name()))
+        return
+    scale = gamma / np.sqrt(var + eps)
+    shift = beta - mean * scale
+    y = mb.mul(x=lw.get(x), y=lw.array(scale.reshape(bshape), "scale"), name=lw.tmp("scale"))
+    lw.bind(node.outputs[0], mb.add(x=y, y=lw.array(shift.reshape(bshape), "shift"),
+                                    name=lw.out_name()))
+
+
+def per_channel(lw, value, shape, suffix: str):
+    """A (C,) parameter reshaped to broadcast over (N, C, *spatial)."""
+    if value.is_const:
+        return lw.array(value.const.reshape(shape), value.name)
+    return mb.reshape(x=lw.get(value), shape=shape, name=lw.tmp(suffix))
 
 
 @rule("InstanceNormalization")
 def lower_instance_norm(lw, node):
     x, gamma, beta = node.inputs[:3]
-    if not (gamma.is_const and beta.is_const):
-        unsupported(lw, "scale and bias must be constants")
-    lw.bind(node.outputs[0], mb.instance_norm(
-        x=lw.get(x), gamma=lw.array(gamma.const, gamma.name), beta=lw.array(beta.const, beta.name),
-        epsilon=lw.scalar(node.attrs.get("epsilon", 1e-5)), name=lw.out_name()))
+    eps = lw.scalar(node.attrs.get("epsilon", 1e-5))
+    rank = len(x.shape)
+    if 3 <= rank <= 4 and gamma.is_const and beta.is_const:  # MIL instance_norm's case
+        lw.bind(node.outputs[0], mb.instance_norm(
+            x=lw.get(x), gamma=lw.array(gamma.const, gamma.name),
+            beta=lw.array(beta.const, beta.name), epsilon=eps, name=lw.out_name()))
+        return
+    if 3 <= rank <= 4:
+        y = mb.instance_norm(x=lw.get(x), epsilon=eps, name=lw.tmp("norm"))
+    else:
+        axes = list(range(2, rank))
+        mean = mb.reduce_mean(x=lw.get(x), axes=axes, keep_dims=True, name=lw.tmp("mean"))
+        centered = mb.sub(x=lw.get(x), y=mean, name=lw.tmp("centered"))
+        var = mb.reduce_mean(x=mb.mul(x=centered, y=centered, name=lw.tmp("sq")), axes=axes,
+                             keep_dims=True, name=lw.tmp("var"))
+        y = mb.mul(x=centered, y=mb.rsqrt(x=var, epsilon=eps, name=lw.tmp("inv")),
+                   name=lw.tmp("norm"))
+    bshape = [-1] + [1] * (rank - 2)
+    y = mb.mul(x=y, y=per_channel(lw, gamma, bshape, "gamma"), name=lw.tmp("scaled"))
+    lw.bind(node.outputs[0], mb.add(x=y, y=per_channel(lw, beta, bshape, "beta"),
+                                    name=lw.out_name()))
 
 
 @rule("LayerNormalization")
@@ -511,6 +601,11 @@ def lower_reduce(lw, node):
         return
     axes = axes or list(range(len(x.shape)))
     fn = getattr(mb, REDUCE[node.op_type])
+    if x.dtype == bool:  # ReduceMax/Min: any/all; MIL reduces numbers only
+        var = mb.cast(x=lw.get(x), dtype="int32", name=lw.tmp("int"))
+        var = fn(x=var, axes=axes, keep_dims=keep, name=lw.tmp("reduce"))
+        lw.bind(node.outputs[0], mb.cast(x=var, dtype="bool", name=lw.out_name()))
+        return
     lw.bind(node.outputs[0], fn(x=lw.get(x), axes=axes, keep_dims=keep, name=lw.out_name()))
 
 
@@ -552,6 +647,9 @@ def lower_transpose(lw, node):
 @rule("Concat")
 def lower_concat(lw, node):
     values = [lw.get(v) for v in node.inputs if v is not None and v.size != 0]
+    if len(values) == 1:
+        lw.bind(node.outputs[0], mb.identity(x=values[0], name=lw.out_name()))
+        return
     lw.bind(node.outputs[0], mb.concat(values=values, axis=int(node.attrs["axis"]),
                                        name=lw.out_name()))
 
@@ -560,12 +658,13 @@ def lower_concat(lw, node):
 def lower_split(lw, node):
     x = node.inputs[0]
     axis = int(node.attrs.get("axis", 0)) % len(x.shape)
-    sizes = [v.shape[axis] for v in node.outputs]
-    if len(sizes) == 1:
-        lw.bind(node.outputs[0], mb.identity(x=lw.get(x), name=lw.out_name()))
+    outputs = [v for v in node.outputs if v.shape[axis]]  # empty parts: see Concat
+    if len(outputs) == 1:
+        lw.bind(outputs[0], mb.identity(x=lw.get(x), name=lw.unique(outputs[0].name)))
         return
-    parts = mb.split(x=lw.get(x), split_sizes=sizes, axis=axis, name=lw.tmp("split"))
-    for value, part in zip(node.outputs, parts):
+    parts = mb.split(x=lw.get(x), split_sizes=[v.shape[axis] for v in outputs], axis=axis,
+                     name=lw.tmp("split"))
+    for value, part in zip(outputs, parts):
         lw.bind(value, part)
 
 
@@ -634,6 +733,9 @@ def lower_range(lw, node):
 
 @rule("Pad")
 def lower_pad(lw, node):
+    """Crop the negative pads, then pad: MIL pad for floats, a gather per axis for edge and
+    reflect on integers, concatenated fill blocks for constant integers (MIL pad takes
+    floats only; going through fp32 would round integers above 2**24)."""
     x = node.inputs[0]
     rank = len(x.shape)
     pads = [int(p) for p in node.inputs[1].const.reshape(-1)]
@@ -642,30 +744,96 @@ def lower_pad(lw, node):
     full = [0] * (2 * rank)
     for i, axis in enumerate(axes):
         full[2 * axis], full[2 * axis + 1] = pads[i], pads[i + len(axes)]
-    crop = [min(p, 0) for p in full]
+    mode = node.attrs.get("mode", "constant")
+    if mode not in ("constant", "reflect", "edge"):
+        unsupported(lw, f"mode '{mode}' is not supported")
+    begin = [max(-full[2 * i], 0) for i in range(rank)]
+    end = [d - max(-full[2 * i + 1], 0) for i, d in enumerate(x.shape)]
+    inner = [e - b for b, e in zip(begin, end)]
     full = [max(p, 0) for p in full]
-    first = next((i for i, p in enumerate(full) if p), len(full)) // 2
-    mode = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}.get(
-        node.attrs.get("mode", "constant"))
-    if mode is None:
-        unsupported(lw, f"mode '{node.attrs.get('mode')}' is not supported")
-    value = node.input(2)
-    constant = float(value.const.reshape(-1)[0]) if value is not None and value.size else 0.0
-    cropping = any(crop)
     var = lw.get(x)
-    if any(full):
-        var = mb.pad(x=var, pad=np.asarray(full[2 * first:], np.int32), mode=mode,
-                     constant_val=lw.const(constant, lw.mil_dtype(x.dtype)),
-                     name=lw.tmp("pad") if cropping else lw.out_name())
-    if cropping:  # negative pads remove elements
-        padded = [d + full[2 * i] + full[2 * i + 1] for i, d in enumerate(x.shape)]
-        begin = [-crop[2 * i] for i in range(rank)]
-        end = [padded[i] + crop[2 * i + 1] for i in range(rank)]
+    if inner != list(x.shape):
         var = mb.slice_by_index(x=var, begin=np.asarray(begin, np.int32),
-                                end=np.asarray(end, np.int32), name=lw.out_name())
+                                end=np.asarray(end, np.int32),
+                                name=lw.tmp("crop") if any(full) else lw.out_name())
     elif not any(full):
         var = mb.identity(x=var, name=lw.out_name())
+    if any(full):
+        # MIL replicates at most a whole dim; ONNX edge mode repeats the edge any number
+        native = is_float(x) and (mode != "edge" or all(
+            max(full[2 * i], full[2 * i + 1]) <= d for i, d in enumerate(inner)))
+        if native:
+            var = pad_native(lw, node, var, inner, full, mode)
+        elif mode == "constant":
+            var = pad_by_concat(lw, node, var, inner, full)
+        else:
+            var = pad_by_gather(lw, var, inner, full, mode)
     lw.bind(node.outputs[0], var)
+
+
+def pad_value(lw, node):
+    """constant_value as a number, or a MIL var when it is only known at run time."""
+    value = node.input(2)
+    if value is None or (value.is_const and value.size == 0):
+        return 0
+    if value.is_const:
+        return value.const.reshape(-1)[0]
+    return lw.get(value)
+
+
+def pad_native(lw, node, var, inner, full, mode):
+    """MIL pad (floats); a run-time constant_value is selected in around the interior."""
+    first = next(i for i, p in enumerate(full) if p) // 2  # MIL pads the last dims only
+    value = pad_value(lw, node)
+    dynamic = not isinstance(value, (int, float, np.generic))
+    padded = mb.pad(x=var, pad=np.asarray(full[2 * first:], np.int32),
+                    mode={"edge": "replicate"}.get(mode, mode),
+                    constant_val=lw.scalar(0 if dynamic else float(value)),
+                    name=lw.tmp("pad") if dynamic and mode == "constant" else lw.out_name())
+    if not dynamic or mode != "constant":
+        return padded
+    return select_interior(lw, padded, value, inner, full)
+
+
+def select_interior(lw, padded, value_var, inner, full):
+    interior = np.pad(np.ones(inner, bool), list(zip(full[0::2], full[1::2])))
+    fill = mb.reshape(x=value_var, shape=[1] * len(inner), name=lw.tmp("value"))
+    return mb.select(cond=interior, a=padded, b=fill, name=lw.out_name())
+
+
+def pad_by_concat(lw, node, var, inner, full):
+    """Constant padding of integers and bools: fill blocks concatenated on each axis."""
+    dtype = lw.mil_dtype(node.inputs[0].dtype)
+    value = pad_value(lw, node)
+    dynamic = not isinstance(value, (int, float, np.generic))
+    shape = list(inner)
+    padded_axes = [i for i in range(len(shape)) if full[2 * i] or full[2 * i + 1]]
+    for n, axis in enumerate(padded_axes):
+        parts = []
+        for width, after in ((full[2 * axis], False), (full[2 * axis + 1], True)):
+            if width:
+                block = shape[:axis] + [width] + shape[axis + 1:]
+                parts.append(np.full(block, 0 if dynamic else value, dtype))
+            if not after:
+                parts.append(var)
+        shape[axis] += full[2 * axis] + full[2 * axis + 1]
+        last = n == len(padded_axes) - 1 and not dynamic
+        var = mb.concat(values=parts, axis=axis,
+                        name=lw.out_name() if last else lw.tmp(f"pad{axis}"))
+    return select_interior(lw, var, value, inner, full) if dynamic else var
+
+
+def pad_by_gather(lw, var, inner, full, mode):
+    """Edge/reflect padding as one gather per padded axis: the source index of every
+    output position is numpy.pad of the positions themselves."""
+    padded_axes = [i for i in range(len(inner)) if full[2 * i] or full[2 * i + 1]]
+    for n, axis in enumerate(padded_axes):
+        index = np.pad(np.arange(inner[axis]), (full[2 * axis], full[2 * axis + 1]),
+                       mode=mode)
+        last = n == len(padded_axes) - 1
+        var = mb.gather(x=var, indices=index.astype(np.int32), axis=axis,
+                        name=lw.out_name() if last else lw.tmp(f"pad{axis}"))
+    return var
 
 
 # -- indexing ------------------------------------------------------------------------------
@@ -746,4 +914,4 @@ def lower_trilu(lw, node):
     lw.bind(node.outputs[0], mb.select(cond=keep, a=lw.get(x), b=zeros, name=lw.out_name()))
 
 
-from . import rules_fused  # noqa: E402,F401  (registers the fused ops)
+from . import rules_fused  # noqa: F401  (registers the fused ops)
