@@ -20,6 +20,11 @@ class UnsupportedOpError(ModelError):
     """An op type (or an attribute value of it) that applec has no rule for."""
 
 
+class LoweringError(ModelError):
+    """A lowering rule produced something the target's builder refused (an applec bug,
+    reported as one line naming the node rather than a traceback)."""
+
+
 class ShapeError(ModelError):
     """A shape that is unknown, dynamic without an override, or inconsistent."""
 

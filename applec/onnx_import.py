@@ -380,33 +380,42 @@ def _slice_v1(b: _Builder, name, inputs, outputs, attrs):
 
 
 def _softmax_family(op_type: str):
-    """Before opset 13, Softmax(axis) flattens to 2-D at `axis` (default 1)."""
+    """Before opset 13, Softmax(axis) flattens to 2-D at `axis` (default 1).
+
+    The rewrite needs the input's rank, which exporters often compute at run time
+    (Shape -> Reshape), so it is done in `propagate`, where every shape is known.
+    """
 
     def rewrite(b: _Builder, name, inputs, outputs, attrs):
-        if not b.opset_below(13):
-            return b.graph.add_node(op_type, inputs, attrs, name=name, outputs=outputs)
-        x = inputs[0]
-        shape = _shape_of(b, x, name)
-        axis = attrs.get("axis", 1) % max(len(shape), 1)
-        if axis == len(shape) - 1:
-            return b.graph.add_node(op_type, inputs, {"axis": -1}, name=name, outputs=outputs)
-        flat = b.graph.add_node("Flatten", [x], {"axis": axis}, name=f"{name}_flatten")
-        soft = b.graph.add_node(op_type, [flat.outputs[0]], {"axis": -1}, name=f"{name}_2d")
-        shape_const = b.const(np.asarray(shape, np.int64), f"{name}_shape")
-        for n in (flat, soft):
-            n.meta["onnx_node"] = name
-        return b.graph.add_node("Reshape", [soft.outputs[0], shape_const], {}, name=name,
+        node = b.graph.add_node(op_type, inputs, {"axis": attrs.get("axis", -1)}, name=name,
                                 outputs=outputs)
+        if b.opset_below(13):
+            node.attrs["axis"] = -1
+            node.meta["flatten_axis"] = attrs.get("axis", 1)
+        return node
 
     return rewrite
 
 
-def _shape_of(b: _Builder, value: Value, node_name: str) -> tuple[int, ...]:
-    if value.shape is not None:
-        return value.shape
-    if "onnx_shape" in value.meta:
-        return value.meta["onnx_shape"][0]
-    raise ShapeError(f"node '{node_name}': the shape of '{value.name}' is not known at import")
+def _expand_flattening_softmax(graph: Graph, node: Node) -> list[Node]:
+    """Softmax over the flattened trailing dims: Flatten -> Softmax(-1) -> Reshape."""
+    x = node.inputs[0]
+    axis = node.meta.pop("flatten_axis") % max(len(x.shape), 1)
+    if axis == len(x.shape) - 1:
+        return [node]
+    index = graph.nodes.index(node)
+    out, source = node.outputs[0], node.meta.get("onnx_node")
+    graph.remove_node(node)
+    flat = graph.add_node("Flatten", [x], {"axis": axis}, name=f"{node.name}_flatten",
+                          index=index)
+    soft = graph.add_node(node.op_type, [flat.outputs[0]], {"axis": -1},
+                          name=f"{node.name}_2d", index=index + 1)
+    shape = graph.const(np.asarray(x.shape, np.int64), f"{node.name}_shape")
+    reshape = graph.add_node("Reshape", [soft.outputs[0], shape], {}, name=node.name,
+                             outputs=[out], index=index + 2)
+    for new in (flat, soft, reshape):
+        new.meta["onnx_node"] = source
+    return [flat, soft, reshape]
 
 
 def _dropout_old(b: _Builder, name, inputs, outputs, attrs):
@@ -450,13 +459,17 @@ def propagate(graph: Graph) -> None:
     """Fold all-constant nodes and give every value a static shape (see module doc)."""
     from .interpreter import try_fold  # the interpreter depends on ops only
 
-    for node in list(graph.nodes):
-        if node.op_type not in ops.OPS:
-            raise UnsupportedOpError(f"unsupported op {node.op_type} (node '{node.name}')")
-        if try_fold(graph, node):
-            continue
-        ops.infer_node(node)
-        _check_against_onnx(graph, node)
+    for original in list(graph.nodes):
+        if original.op_type not in ops.OPS:
+            raise UnsupportedOpError(f"unsupported op {original.op_type} "
+                                     f"(node '{original.name}')")
+        expanded = _expand_flattening_softmax(graph, original) \
+            if "flatten_axis" in original.meta else [original]
+        for node in expanded:
+            if try_fold(graph, node):
+                continue
+            ops.infer_node(node)
+            _check_against_onnx(graph, node)
 
 
 def _check_against_onnx(graph: Graph, node: Node) -> None:

@@ -365,6 +365,16 @@ TENSOR = [
     case("slice_negative_bounds", "Slice", [x(4, 6), i64(-3), i64(-1), i64(-1)]),
     case("slice_clamped", "Slice", [x(4, 6), i64(2, -100), i64(BIG, 100)]),
     case("gather", "Gather", [x(5, 4), x(3, kind="ints 0..4", dtype="int64")]),
+    case("gather_bool_data", "Gather", [x(4, 6, kind="bool", dtype="bool"),
+                                        x(2, 3, kind="ints 0..5", dtype="int64")], {"axis": 1},
+         fp16_ok=False),
+    case("gather_nd_bool_data", "GatherND", [x(3, 4, kind="bool", dtype="bool"),
+                                             x(2, 1, kind="ints 0..2", dtype="int64")],
+         fp16_ok=False),
+    case("isnan", "IsNaN", [x(3, 7, kind="specials")]),
+    case("isinf", "IsInf", [x(3, 7, kind="specials")]),
+    case("isinf_negative_only", "IsInf", [x(3, 7, kind="specials")],
+         {"detect_positive": 0}),
     case("gather_axis1_negative", "Gather", [x(3, 5, 2), x(2, 3, kind="ints -5..4",
                                                            dtype="int64")], {"axis": 1}),
     case("gather_scalar_index", "Gather", [x(5, 4), scalar(-2, np.int64)]),
@@ -444,6 +454,10 @@ def generate(spec: In, rng: np.random.Generator) -> np.ndarray:
         data = rng.uniform(0.5, 2, shape)
     elif kind == "bool":
         data = rng.random(shape) < 0.5
+    elif kind == "specials":  # normal values with NaN, +inf and -inf sprinkled in
+        data = rng.standard_normal(shape)
+        flat = data.reshape(-1)
+        flat[::5], flat[1::7], flat[2::11] = np.nan, np.inf, -np.inf
     elif kind == "distinct":
         count = int(np.prod(shape))
         data = (rng.permutation(count) - count / 2).reshape(shape) / 8  # exact in float16

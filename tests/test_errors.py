@@ -167,3 +167,24 @@ def test_unlisted_file_in_artifact(bundle, tmp_path, capsys):
 def test_not_a_bundle(tmp_path, capsys):
     code, line = run_cli(capsys, "run", tmp_path, "--input", "x.npy")
     assert code == 2 and "not an applec bundle" in line
+
+
+def test_builder_refusal_is_one_line_naming_the_node(tmp_path, capsys, monkeypatch):
+    """A coremltools error inside a lowering rule is an applec bug, reported as one line."""
+    from applec.targets.coreml import rules
+
+    def broken(lw, node):
+        raise ValueError("Op \"x\" expects tensor of dtype fp32\nsecond line")
+
+    monkeypatch.setitem(rules.RULES, "Relu", broken)
+    path = tmp_path / "cnn.onnx"
+    onnx.save(testing.cnn(batch=1), path)
+    code = main(["compile", str(path), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1  # after the progress lines of the stages that finished
+    line = errors[0]
+    assert line.startswith("error: cannot lower Relu node 'relu_")
+    assert "expects tensor of dtype fp32 (an applec bug: please report it)" in line
+    assert no_bundle_left(tmp_path)

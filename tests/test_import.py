@@ -143,3 +143,17 @@ def test_int64_inputs_beyond_int32_saturate_with_a_warning(compiled):
     with pytest.warns(UserWarning, match="saturated"):
         out = c.run({"ids": np.asarray([2**35, 3], np.int64)})["y"]
     assert out.tolist() == [np.iinfo(np.int32).max, 3]
+
+
+def test_softmax_before_opset_13_with_runtime_computed_shape(compiled):
+    """The flattening rewrite waits for shapes that only folding makes known."""
+    b = GraphBuilder()
+    shape = b.op("Concat", [b.op("Shape", ["x"]), b.init("one", np.asarray([1], np.int64))],
+                 axis=0)
+    h = b.op("Reshape", ["x", shape])  # rank 4 only after Shape folds
+    b.op("Softmax", [h], axis=1, name="y")
+    model = b.model([tensor("x", TensorProto.FLOAT, ["n", 3, 4])],
+                    [tensor("y", TensorProto.FLOAT, ["n", 3, 4, 1])], opset=11)
+    c = compiled(model, "fp32", shapes={"x": (2, 3, 4)})
+    c.check({"x": seeded((2, 3, 4))})
+    assert c.result.report["nodes"]["y"]["mil_ops"] == ["reshape", "softmax", "reshape"]

@@ -128,6 +128,31 @@ class Not(Math):
     fn = staticmethod(np.logical_not)
 
 
+class FloatTest(OpDef):
+    """IsNaN / IsInf: a bool mask of the input's shape."""
+
+    def infer(self, node):
+        x = node.inputs[0]
+        return [(x.shape, np.dtype(bool))]
+
+
+@register
+class IsNaN(FloatTest):
+    def reference(self, node, inputs):
+        return [np.isnan(inputs[0])]
+
+
+@register
+class IsInf(FloatTest):
+    attrs = {"detect_negative": 1, "detect_positive": 1}
+
+    def reference(self, node, inputs):
+        x = inputs[0]
+        negative = np.isneginf(x) if self.attr(node, "detect_negative") else np.zeros_like(x, bool)
+        positive = np.isposinf(x) if self.attr(node, "detect_positive") else np.zeros_like(x, bool)
+        return [negative | positive]
+
+
 @register
 class Identity(Math):
     pass

@@ -29,9 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from applec.errors import ModelError, UnsupportedOpError
+from applec.errors import ApplecError, LoweringError, ModelError, UnsupportedOpError
 from applec.ir import Graph, Node, Value
-
 
 FP16_MAX = float(np.finfo(np.float16).max)
 INT32_MIN, INT32_MAX = np.iinfo(np.int32).min, np.iinfo(np.int32).max
@@ -202,7 +201,15 @@ def lower_to_program(graph: Graph, precision: str, opset) -> Lowered:
                                          "CoreML lowering")
             lw.node = node
             before = len(func.operations)
-            rule(lw, node)
+            try:
+                rule(lw, node)
+            except ApplecError:
+                raise
+            except Exception as exc:  # coremltools refusing what a rule built: our bug
+                text = (str(exc).strip() or type(exc).__name__).splitlines()[0][:300]
+                raise LoweringError(f"cannot lower {node.op_type} node '{node.name}' to "
+                                    f"CoreML: {text} (an applec bug: please report it)") \
+                    from exc
             mil_ops[node.name] = [op.op_type for op in list(func.operations)[before:]
                                   if op.op_type != "const"]
         outputs, out_vars = [], []

@@ -846,15 +846,52 @@ def lower_gather(lw, node):
         idx = lw.array(np.where(indices.const < 0, indices.const + dim, indices.const))
     else:
         idx = wrap_negative(lw, lw.get(indices), dim)
-    lw.bind(node.outputs[0], mb.gather(x=lw.get(data), indices=idx, axis=axis,
-                                       name=lw.out_name()))
+    x, was_bool = bool_as_int(lw, data)
+    y = mb.gather(x=x, indices=idx, axis=axis,
+                  name=lw.tmp("gather") if was_bool else lw.out_name())
+    lw.bind(node.outputs[0], from_int(lw, y, was_bool))
+
+
+@rule("IsNaN")
+def lower_isnan(lw, node):
+    x = x_of(lw, node)  # NaN is the one value not equal to itself
+    lw.bind(node.outputs[0], mb.not_equal(x=x, y=x, name=lw.out_name()))
+
+
+@rule("IsInf")
+def lower_isinf(lw, node):
+    x = node.inputs[0]
+    var, dtype = lw.get(x), lw.mil_dtype(x.dtype)
+    tests = [mb.equal(x=var, y=np.asarray(sign * np.inf, dtype), name=lw.tmp(attr))
+             for attr, sign in (("detect_negative", -1), ("detect_positive", 1))
+             if node.attrs.get(attr, 1)]
+    if not tests:
+        mask = mb.not_equal(x=var, y=var, name=lw.tmp("nan"))
+        lw.bind(node.outputs[0], mb.logical_and(x=mask, y=mb.logical_not(
+            x=mask, name=lw.tmp("not")), name=lw.out_name()))
+    elif len(tests) == 1:
+        lw.bind(node.outputs[0], mb.identity(x=tests[0], name=lw.out_name()))
+    else:
+        lw.bind(node.outputs[0], mb.logical_or(x=tests[0], y=tests[1], name=lw.out_name()))
+
+
+def bool_as_int(lw, value):
+    """MIL's gathers take no bool data: gather an int32 copy and cast the result back."""
+    var = lw.get(value)
+    if value.dtype.kind != "b":
+        return var, False
+    return mb.cast(x=var, dtype="int32", name=lw.tmp("as_int")), True
+
+
+def from_int(lw, var, was_bool: bool):
+    return mb.cast(x=var, dtype="bool", name=lw.out_name()) if was_bool else var
 
 
 @rule("GatherElements")
 def lower_gather_elements(lw, node):
     data, indices = node.inputs[:2]
     axis = int(node.attrs.get("axis", 0)) % len(data.shape)
-    x = lw.get(data)
+    x, was_bool = bool_as_int(lw, data)
     # ONNX reads only the leading part of data in the other dims; MIL wants equal sizes
     end = [d if i == axis else n for i, (d, n) in enumerate(zip(data.shape, indices.shape))]
     if list(data.shape) != end:
@@ -866,8 +903,9 @@ def lower_gather_elements(lw, node):
     else:
         idx = lw.array(np.where(indices.const < 0, indices.const + data.shape[axis],
                                 indices.const))
-    lw.bind(node.outputs[0], mb.gather_along_axis(x=x, indices=idx, axis=axis,
-                                                  name=lw.out_name()))
+    y = mb.gather_along_axis(x=x, indices=idx, axis=axis,
+                             name=lw.tmp("gather") if was_bool else lw.out_name())
+    lw.bind(node.outputs[0], from_int(lw, y, was_bool))
 
 
 def wrap_negative(lw, raw, dim: int):
@@ -879,10 +917,12 @@ def wrap_negative(lw, raw, dim: int):
 
 @rule("GatherND")
 def lower_gather_nd(lw, node):
-    args = {"x": x_of(lw, node, 0), "indices": x_of(lw, node, 1), "name": lw.out_name()}
+    x, was_bool = bool_as_int(lw, node.inputs[0])
+    args = {"x": x, "indices": x_of(lw, node, 1),
+            "name": lw.tmp("gather") if was_bool else lw.out_name()}
     if node.attrs.get("batch_dims", 0):
         args["batch_dims"] = int(node.attrs["batch_dims"])  # iOS17+ gather_nd
-    lw.bind(node.outputs[0], mb.gather_nd(**args))
+    lw.bind(node.outputs[0], from_int(lw, mb.gather_nd(**args), was_bool))
 
 
 @rule("TopK")
@@ -914,4 +954,4 @@ def lower_trilu(lw, node):
     lw.bind(node.outputs[0], mb.select(cond=keep, a=lw.get(x), b=zeros, name=lw.out_name()))
 
 
-from . import rules_fused  # noqa: F401  (registers the fused ops)
+from . import rules_fused  # noqa: E402,F401  (registers the fused ops)
