@@ -249,13 +249,14 @@ def write_mlpackage(lowered: Lowered, target, path: Path, *, description: str) -
     gc.freeze()
     try:
         with contextlib.redirect_stderr(io.StringIO()):
-            model = ct.convert(lowered.program, convert_to="mlprogram",
-                               minimum_deployment_target=target,
-                               compute_precision=ct.precision.FLOAT32,
-                               pass_pipeline=ct.PassPipeline.EMPTY, skip_model_load=True)
+            # package_dir: written in place, not built in a temp dir and copied by save()
+            ct.convert(lowered.program, convert_to="mlprogram",
+                       minimum_deployment_target=target,
+                       compute_precision=ct.precision.FLOAT32,
+                       pass_pipeline=ct.PassPipeline.EMPTY, skip_model_load=True,
+                       package_dir=str(path))
     finally:
         gc.unfreeze()
-    model.save(str(path))
     data = path / "Data" / "com.apple.CoreML"
     spec = Model_pb2.Model()
     spec.ParseFromString((data / "model.mlmodel").read_bytes())
