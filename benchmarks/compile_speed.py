@@ -12,7 +12,7 @@ as a markdown table. What each timer counts:
   timed apart (`import_seconds`): applec would otherwise import coremltools inside its
   lowering stage. The applec child blocks `import torch`, which applec never needs but
   coremltools performs whenever torch is installed. Peak RSS is the whole child process
-  (`ru_maxrss`): imports included and, for coremltools, the PyTorch model it converts.
+  (VmHWM on Linux): imports included and, for coremltools, the PyTorch model it converts.
 
     python benchmarks/compile_speed.py --runs 3 --json figures.json
 """
@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -41,8 +40,10 @@ CHILD_TIMEOUT_S = 1800
 # Child side: one measured conversion per process, result written to a JSON file.
 
 def _peak_rss_mb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)  # bytes vs KiB
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _measure import peak_rss_mb
+
+    return peak_rss_mb()
 
 
 def _run_applec(job: dict) -> dict:

@@ -33,7 +33,6 @@ import json
 import os
 import platform
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -158,18 +157,10 @@ def onnx_inputs(path: str) -> list[dict]:
 # -- child side: one compile, or one run, per process --------------------------------------
 
 def _peak_rss_mb() -> float:
-    """This process's peak RSS. On Linux, VmHWM: ru_maxrss survives fork + exec, so a
-    child's ru_maxrss is never below its parent's peak (here, the parent that read the ONNX
-    file to make the inputs)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 2**10, 1)  # kB
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _measure import peak_rss_mb
+
+    return peak_rss_mb()
 
 
 def _child_compile(job: dict) -> dict:
