@@ -30,17 +30,23 @@ def _shape_op(value, node: Node) -> np.ndarray:
 
 def run(graph: Graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Evaluate `graph` on `feeds` (by input name); returns outputs by name."""
-    env: dict[int, np.ndarray] = {}
     for value in graph.inputs:
         if value.name not in feeds:
             raise InputError(f"missing input '{value.name}'")
-        env[id(value)] = np.asarray(feeds[value.name])
+    results = run_values(graph, [feeds[v.name] for v in graph.inputs])
+    return {v.name: out for v, out in zip(graph.outputs, results)}
+
+
+def run_values(graph: Graph, arrays) -> list[np.ndarray]:
+    """Evaluate `graph` on one array per input, by position (how a subgraph is called);
+    returns one array per output."""
+    env: dict[int, np.ndarray] = {id(v): np.asarray(a) for v, a in zip(graph.inputs, arrays)}
     for node in graph.nodes:
         args = [None if v is None else (v.const if v.is_const else env[id(v)])
                 for v in node.inputs]
         for value, out in zip(node.outputs, ops.evaluate(node, args)):
             env[id(value)] = out
-    return {v.name: (v.const if v.is_const else env[id(v)]) for v in graph.outputs}
+    return [v.const if v.is_const else env[id(v)] for v in graph.outputs]
 
 
 def try_fold(graph: Graph, node: Node) -> bool:

@@ -9,6 +9,10 @@ Invariants (checked by `Graph.validate`):
 - `Graph.nodes` is in topological order.
 - Ops are in the canonical (newest-opset) form of the op table: the importer rewrites older
   forms, so passes and lowerings never look at the opset.
+- Subgraphs (If's `then_branch` / `else_branch` attributes) are `Graph`s of their own: they
+  read outer values only through their `inputs`, which the owning node binds by position
+  to its own inputs (If: `inputs[1:]` = then's inputs, then else's). So use-lists never
+  cross a graph boundary, and a subgraph validates on its own.
 
 ONNX protobuf stays out of this module: only `applec.onnx_import` touches `onnx.*`.
 """
@@ -235,6 +239,10 @@ class Graph:
         for value in self.outputs:
             if not (value.is_const or id(value) in available):
                 raise ModelError(f"graph output '{value.name}' is never produced")
+        for node in self.nodes:
+            for sub in node.attrs.values():
+                if isinstance(sub, Graph):
+                    sub.validate()
 
     def __repr__(self) -> str:
         lines = [f"graph {self.name}({', '.join(map(repr, self.inputs))}) {{"]

@@ -10,7 +10,9 @@ Import does, in order:
    form (axes as inputs, Softmax opset-13 semantics, ...), so nothing later sees the opset;
 5. propagate: fold every node whose inputs are all constant (this is what turns
    Shape -> Gather -> Concat -> Reshape into a constant shape) and give every other value a
-   static shape from the op table, checked against onnx's inference where it has one.
+   static shape from the op table, checked against onnx's inference where it has one. An
+   If whose condition is constant by then is replaced by its taken branch; the branches of
+   the others are propagated in turn (`applec.control_flow`).
 
 Graph inputs that also have an initializer are treated as constants (the ONNX spec lets a
 runtime override them; a compiled bundle does not).
@@ -19,13 +21,14 @@ runtime override them; a compiled bundle does not).
 from __future__ import annotations
 
 import os
+from collections import deque
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from . import ops
+from . import control_flow, ops
 from .errors import ModelError, ShapeError, UnsupportedOpError
 from .ir import Graph, Node, Value
 
@@ -190,7 +193,7 @@ def import_model(path: str | os.PathLike,
 
 def _check_ops_supported(model: onnx.ModelProto, opset: int) -> None:
     missing: dict[str, str] = {}
-    for node in model.graph.node:
+    for node in _all_nodes(model.graph):
         if node.domain not in ONNX_DOMAINS:
             key = f"{node.domain}.{node.op_type}"
         elif node.op_type == "Constant" or node.op_type in ops.OPS \
@@ -205,25 +208,46 @@ def _check_ops_supported(model: onnx.ModelProto, opset: int) -> None:
         raise UnsupportedOpError(f"unsupported {word} at opset {opset}: {listed}")
 
 
-class _Builder:
-    """Walks one ONNX graph and emits IR nodes in canonical form."""
+def _all_nodes(graph: onnx.GraphProto):
+    """Every node of `graph` and of its subgraphs (If branches), depth first."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _all_nodes(sub)
 
-    def __init__(self, model: onnx.ModelProto, inferred: onnx.ModelProto, opset: int):
+
+class _Builder:
+    """Walks one ONNX graph and emits IR nodes in canonical form.
+
+    A branch of an If gets a child builder with its own IR graph: a name it does not define
+    is looked up in the enclosing builders; an outer constant is shared as a branch
+    constant, any other outer value becomes a branch input (a capture), bound by the If.
+    """
+
+    def __init__(self, model: onnx.ModelProto, inferred: onnx.ModelProto, opset: int,
+                 parent: _Builder | None = None, graph_name: str = "", prefix: str = ""):
         self.model = model
         self.inferred_model = inferred
         self.opset = opset
-        self.graph = Graph(model.graph.name or "main")
+        self.parent = parent
+        self.prefix = prefix  # qualifies a branch's node names that clash in the report
+        self.graph = Graph(graph_name or model.graph.name or "main")
         self.values: dict[str, Value] = {}
-        self.inferred: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+        self.captures: list[Value] = []  # the outer value bound to each graph input
+        self.inferred: dict[str, tuple[tuple[int, ...], np.dtype]] = \
+            parent.inferred if parent else {}
+        self.report_names: set[str] = parent.report_names if parent else set()
         report: dict[str, dict] = {}
         self.graph.meta["report"] = report
 
     def build(self) -> Graph:
         g = self.model.graph
-        self._collect_inferred()
-        for init in g.initializer:
-            self.values[init.name] = Value(init.name, const=self._array(init))
-            self.graph.reserve_name(init.name)
+        self._collect_inferred(self.inferred_model.graph)
+        self._initializers(g)
         for value in g.input:
             if value.name in self.values:
                 continue
@@ -231,16 +255,41 @@ class _Builder:
             shape = tuple(d.dim_value for d in tensor_type.shape.dim)
             self.values[value.name] = self.graph.add_input(
                 value.name, onnx_dtype(tensor_type.elem_type), shape)
+        self._body(g)
+        return self.graph
+
+    def _initializers(self, g: onnx.GraphProto) -> None:
+        for init in g.initializer:
+            self.values[init.name] = Value(init.name, const=self._array(init))
+            self.graph.reserve_name(init.name)
+
+    def _body(self, g: onnx.GraphProto) -> None:
         for index, node in enumerate(g.node):
             self._node(node, index)
         for value in g.output:
-            if value.name not in self.values:
+            found = self._lookup(value.name)
+            if found is None:
                 raise ModelError(f"graph output '{value.name}' is not produced by any node")
-            self.graph.outputs.append(self.values[value.name])
-        return self.graph
+            self.graph.outputs.append(found)
 
-    def _collect_inferred(self) -> None:
-        g = self.inferred_model.graph
+    def _lookup(self, name: str) -> Value | None:
+        """The value called `name` here, capturing it from an enclosing graph if needed."""
+        if name in self.values:
+            return self.values[name]
+        outer = self.parent._lookup(name) if self.parent is not None else None
+        if outer is None:
+            return None
+        if outer.is_const:
+            value = Value(name, const=outer.const)  # the same array, no copy
+        else:
+            value = Value(name, outer.dtype, outer.shape)
+            self.graph.inputs.append(value)
+            self.captures.append(outer)
+        self.graph.reserve_name(name)
+        self.values[name] = value
+        return value
+
+    def _collect_inferred(self, g: onnx.GraphProto) -> None:
         for info in list(g.value_info) + list(g.output):
             tensor_type = info.type.tensor_type
             if not info.type.HasField("tensor_type") or not tensor_type.HasField("shape"):
@@ -252,6 +301,10 @@ class _Builder:
                     self.inferred[info.name] = (tuple(dims), onnx_dtype(tensor_type.elem_type))
                 except ModelError:
                     pass
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    self._collect_inferred(attr.g)
 
     @staticmethod
     def _array(tensor: onnx.TensorProto) -> np.ndarray:
@@ -261,8 +314,20 @@ class _Builder:
             raise ModelError(f"tensor '{tensor.name}' cannot be read: {_first_line(exc)}") \
                 from None
 
+    def _report_name(self, proto: onnx.NodeProto, index: int) -> str:
+        """The node's report key: its ONNX name, qualified when a branch reuses one."""
+        name = proto.name or f"{self.prefix}{proto.op_type}_{index}"
+        if name in self.report_names:
+            name = f"{self.prefix}{name}"
+        base, i = name, 0
+        while name in self.report_names:
+            i += 1
+            name = f"{base}_{i}"
+        self.report_names.add(name)
+        return name
+
     def _node(self, proto: onnx.NodeProto, index: int) -> None:
-        name = proto.name or f"{proto.op_type}_{index}"
+        name = self._report_name(proto, index)
         attrs = {a.name: self._attr(a, name) for a in proto.attribute}
         self.graph.meta["report"][name] = {"op_type": proto.op_type, "status": "imported",
                                            "index": index}
@@ -271,13 +336,11 @@ class _Builder:
             return
         inputs = []
         for input_name in proto.input:
-            if not input_name:
-                inputs.append(None)
-            elif input_name not in self.values:
+            value = self._lookup(input_name) if input_name else None
+            if input_name and value is None:
                 raise ModelError(f"node '{name}' ({proto.op_type}) reads '{input_name}', "
                                  "which no earlier node produces")
-            else:
-                inputs.append(self.values[input_name])
+            inputs.append(value)
         outputs = []
         for output_name in proto.output:
             value = Value(output_name or self.graph.fresh_name(f"{name}_unused"))
@@ -286,7 +349,12 @@ class _Builder:
                 value.meta["onnx_shape"] = self.inferred[output_name]
             outputs.append(value)
         rewrite = CANONICAL_REWRITES.get(proto.op_type)
-        if rewrite is not None:
+        if proto.op_type == "If":
+            node = self._if(name, inputs, outputs, attrs)
+        elif any(isinstance(v, onnx.GraphProto) for v in attrs.values()):
+            raise UnsupportedOpError(f"node '{name}' ({proto.op_type}): subgraph attributes "
+                                     "are supported on If only")
+        elif rewrite is not None:
             node = rewrite(self, name, inputs, outputs, attrs)
         else:
             node = self.graph.add_node(proto.op_type, inputs, attrs, name=name, outputs=outputs)
@@ -294,6 +362,24 @@ class _Builder:
         for output_name, value in zip(proto.output, outputs):
             if output_name:
                 self.values[output_name] = value
+
+    def _if(self, name, inputs, outputs, attrs) -> Node:
+        """If: each branch becomes an IR graph; the node binds cond, then their captures."""
+        branches, captures = {}, []
+        for key in ("then_branch", "else_branch"):
+            proto = attrs.get(key)
+            if not isinstance(proto, onnx.GraphProto):
+                raise ModelError(f"If node '{name}' has no {key}")
+            if len(proto.input):
+                raise ModelError(f"If node '{name}': {key} declares inputs")
+            child = _Builder(self.model, self.inferred_model, self.opset, parent=self,
+                             graph_name=f"{name}/{key}", prefix=f"{name}/{key}/")
+            child._initializers(proto)
+            child._body(proto)
+            branches[key] = child.graph
+            captures += child.captures
+        return self.graph.add_node("If", [inputs[0], *captures], branches, name=name,
+                                   outputs=outputs)
 
     def _constant(self, proto, name, attrs) -> None:
         for key, value in attrs.items():
@@ -315,9 +401,11 @@ class _Builder:
         raise ModelError(f"Constant node '{name}' has no value attribute")
 
     def _attr(self, attr: onnx.AttributeProto, node_name: str):
-        if attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
-            raise UnsupportedOpError(f"node '{node_name}': subgraph attribute '{attr.name}' "
-                                     "(control flow) is not supported yet")
+        if attr.type == onnx.AttributeProto.GRAPH:
+            return attr.g  # If turns it into an IR graph; any other op is refused
+        if attr.type == onnx.AttributeProto.GRAPHS:
+            raise UnsupportedOpError(f"node '{node_name}': attribute '{attr.name}' holds a "
+                                     "list of subgraphs, which is not supported")
         value = helper.get_attribute_value(attr)
         if isinstance(value, onnx.TensorProto):
             return self._array(value)
@@ -434,6 +522,35 @@ def _batchnorm(b: _Builder, name, inputs, outputs, attrs):
                             outputs=outputs[:1])
 
 
+def _resize_legacy(b: _Builder, name, inputs, outputs, attrs):
+    """Upsample (opsets 7-9) and Resize-10 -> Resize: scales become input 2; coordinates
+    are asymmetric; nearest rounds as onnxruntime did before nearest_mode existed
+    (truncate when upsampling, ceil when downsampling: floor and ceil on x >= 0)."""
+    op_type = b.graph.meta["report"][name]["op_type"]
+    if op_type == "Resize" and not b.opset_below(11):
+        return b.graph.add_node("Resize", inputs, attrs, name=name, outputs=outputs)
+    mode = {"bilinear": "linear"}.get(attrs.get("mode", "nearest"), attrs.get("mode", "nearest"))
+    if "scales" in attrs:
+        scales = b.const(np.asarray(attrs["scales"], np.float32), f"{name}_scales")
+    else:
+        scales = inputs[1]
+    new_attrs = {"mode": mode, "coordinate_transformation_mode": "asymmetric"}
+    if mode == "nearest":
+        if scales is None or not scales.is_const:
+            raise UnsupportedOpError(f"{op_type} node '{name}' (opset {b.opset}): its scales "
+                                     "must be a constant to pick the rounding")
+        values = np.asarray(scales.const, np.float32).reshape(-1)
+        if np.all(values >= 1):
+            new_attrs["nearest_mode"] = "floor"
+        elif np.all(values <= 1):
+            new_attrs["nearest_mode"] = "ceil"
+        else:
+            raise UnsupportedOpError(f"{op_type} node '{name}' (opset {b.opset}): nearest "
+                                     "resizing that both up- and downsamples rounds per axis")
+    return b.graph.add_node("Resize", [inputs[0], None, scales, None], new_attrs, name=name,
+                            outputs=outputs)
+
+
 REDUCE_AXES_INPUT_SINCE = {"ReduceSum": 13}
 for _op in ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
             "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare"):
@@ -450,19 +567,32 @@ CANONICAL_REWRITES = {
     "LogSoftmax": _softmax_family("LogSoftmax"),
     "Dropout": _dropout_old,
     "BatchNormalization": _batchnorm,
+    "Resize": _resize_legacy,
+    "Upsample": _resize_legacy,
     **{op: _attr_to_input("axes", 1, since) for op, since in REDUCE_AXES_INPUT_SINCE.items()},
 }
 
 
 # -- 5. propagation ----------------------------------------------------------------------
 def propagate(graph: Graph) -> None:
-    """Fold all-constant nodes and give every value a static shape (see module doc)."""
+    """Fold all-constant nodes and give every value a static shape (see module doc).
+
+    An If whose condition is constant by now is replaced by its taken branch, which is
+    then propagated like the rest; any other If has its branches propagated first.
+    """
     from .interpreter import try_fold  # the interpreter depends on ops only
 
-    for original in list(graph.nodes):
+    pending = deque(graph.nodes)
+    while pending:
+        original = pending.popleft()
         if original.op_type not in ops.OPS:
             raise UnsupportedOpError(f"unsupported op {original.op_type} "
                                      f"(node '{original.name}')")
+        if original.op_type == "If":
+            inlined = control_flow.propagate_if(graph, original, propagate)
+            if inlined is not None:
+                pending.extendleft(reversed(inlined))
+                continue
         expanded = _expand_flattening_softmax(graph, original) \
             if "flatten_axis" in original.meta else [original]
         for node in expanded:

@@ -209,6 +209,7 @@ def freeze_static_inputs(model, inputs: list[np.ndarray]) -> dict[str, np.ndarra
         positions = set(op.static_inputs if op is not None else ())
         if node.op_type not in ("Shape", "Size") and static.intersection(node.output):
             positions = range(len(node.input))
+            static.update(_subgraph_reads(node))  # an If's branches read outer names too
         for position in positions:
             if position < len(node.input) and node.input[position]:
                 static.add(node.input[position])
@@ -222,6 +223,17 @@ def freeze_static_inputs(model, inputs: list[np.ndarray]) -> dict[str, np.ndarra
     del model.graph.input[:]
     model.graph.input.extend(keep)
     return feeds
+
+
+def _subgraph_reads(node) -> set[str]:
+    """Names the subgraphs of `node` (If branches) read, their own ones included."""
+    names = set()
+    for attr in node.attribute:
+        for graph in [attr.g] if attr.HasField("g") else list(attr.graphs):
+            for inner in graph.node:
+                names.update(n for n in inner.input if n)
+                names.update(_subgraph_reads(inner))
+    return names
 
 
 def shape_overrides(model, inputs: list[np.ndarray]) -> dict[str, tuple[int, ...]]:

@@ -40,7 +40,7 @@ EMITTED_BY_LOWERING = (
     "slice_by_index", "slice_by_size", "squeeze", "expand_dims", "tile", "fill", "range_1d",
     "pad", "shape", "topk", "cumsum", "argsort", "band_part", "scaled_dot_product_attention",
     "upsample_nearest_neighbor", "upsample_bilinear", "resize_bilinear", "conv_transpose",
-    "local_response_norm", "reverse",
+    "local_response_norm", "reverse", "lstm",
 )
 
 
@@ -734,8 +734,11 @@ def gather_nd(a, outs):
 
 # ---- resizing -------------------------------------------------------------------------------
 
-def _grid(n_in, n_out, mode):
-    """Source coordinate of each output pixel along one axis (coremltools sampling modes)."""
+def sampling_grid(n_in, n_out, mode):
+    """Source coordinate of each output pixel along one axis (coremltools sampling modes).
+
+    The CoreML lowering of Resize compares these grids with ONNX's coordinates to pick a
+    MIL op only where it is exact, so this is the one definition of what they compute."""
     i = np.arange(n_out, dtype=np.float64)
     if mode in ("STRICT_ALIGN_CORNERS", "ALIGN_CORNERS"):
         if n_out == 1:
@@ -767,8 +770,8 @@ def _lerp_axis(x, grid, axis):
 
 
 def _bilinear(x, out_h, out_w, mode):
-    y = _lerp_axis(x, _grid(x.shape[-2], out_h, mode), x.ndim - 2)
-    return _lerp_axis(y, _grid(x.shape[-1], out_w, mode), x.ndim - 1)
+    y = _lerp_axis(x, sampling_grid(x.shape[-2], out_h, mode), x.ndim - 2)
+    return _lerp_axis(y, sampling_grid(x.shape[-1], out_w, mode), x.ndim - 1)
 
 
 @mil_op("upsample_bilinear")
@@ -778,8 +781,14 @@ def upsample_bilinear(a, outs):
     out_w = math.floor(x.shape[-1] * _float(a, "scale_factor_width", 1.0))
     align = _bool(a, "align_corners", True)
     half_pixel = _bool(a, "half_pixel_centers", not align)
-    mode = "STRICT_ALIGN_CORNERS" if align else "UNALIGN_CORNERS" if half_pixel else "ASYMMETRIC"
-    return _bilinear(x, out_h, out_w, mode)
+    return _bilinear(x, out_h, out_w, upsample_bilinear_mode(align, half_pixel))
+
+
+def upsample_bilinear_mode(align_corners: bool, half_pixel_centers: bool) -> str:
+    """The sampling grid of upsample_bilinear, in resize_bilinear's names."""
+    if align_corners:
+        return "STRICT_ALIGN_CORNERS"
+    return "UNALIGN_CORNERS" if half_pixel_centers else "ASYMMETRIC"
 
 
 @mil_op("resize_bilinear")

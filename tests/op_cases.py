@@ -430,7 +430,93 @@ TENSOR = [
     case("trilu_upper_k", "Trilu", [x(3, 5), scalar(1, np.int64)], opset=14),
 ]
 
-CASES: list[OpCase] = ELEMENTWISE + CONV + POOL + NORM + LINEAR + REDUCE + TENSOR
+NO_ROI = np.zeros(0, np.float32)
+
+
+def f32(*values) -> np.ndarray:
+    return np.array(values, np.float32)
+
+
+RESIZE = [
+    # ppocrv6_det_small's form: 2x nearest, asymmetric + floor (upsample_nearest_neighbor)
+    case("resize_nearest_2x_asymmetric_floor", "Resize", [x(1, 3, 4, 5), NO_ROI, f32(1, 1, 2, 2)],
+         {"mode": "nearest", "coordinate_transformation_mode": "asymmetric",
+          "nearest_mode": "floor"}, opset=11),
+    case("resize_nearest_3x_half_pixel", "Resize", [x(1, 2, 3, 4), NO_ROI, f32(1, 1, 3, 3)],
+         {"nearest_mode": "round_prefer_ceil"}, opset=13),
+    case("resize_nearest_sizes_gather", "Resize", [x(1, 2, 4, 5), NO_ROI, None, i64(1, 2, 7, 3)],
+         {"nearest_mode": "round_prefer_floor"}, opset=13),
+    case("resize_nearest_downsample_floor", "Resize", [x(1, 2, 6, 5), NO_ROI, f32(1, 1, 0.5, 0.6)],
+         {"coordinate_transformation_mode": "pytorch_half_pixel", "nearest_mode": "floor"},
+         opset=13),
+    case("resize_nearest_align_corners_ceil", "Resize", [x(1, 1, 4, 4), NO_ROI, None,
+                                                         i64(1, 1, 7, 6)],
+         {"coordinate_transformation_mode": "align_corners", "nearest_mode": "ceil"}, opset=13),
+    case("resize_nearest_channels", "Resize", [x(1, 2, 3, 3), NO_ROI, f32(1, 2, 1, 1)],
+         {"coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}, opset=13),
+    case("resize_nearest_rank3", "Resize", [x(2, 3, 5), NO_ROI, f32(1, 1, 2)],
+         {"coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}, opset=13),
+    case("resize_nearest_int32", "Resize", [x(1, 1, 3, 4, kind="ints -9..9", dtype="int32"),
+                                            NO_ROI, f32(1, 1, 2, 1.5)],
+         {"coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}, opset=13,
+         fp16_ok=False),
+    case("resize_linear_half_pixel_2x", "Resize", [x(1, 3, 4, 5), NO_ROI, f32(1, 1, 2, 2)],
+         {"mode": "linear"}, opset=13),
+    case("resize_linear_align_corners_sizes", "Resize", [x(1, 2, 4, 5), NO_ROI, None,
+                                                         i64(1, 2, 7, 9)],
+         {"mode": "linear", "coordinate_transformation_mode": "align_corners"}, opset=13),
+    case("resize_linear_asymmetric_2x", "Resize", [x(1, 2, 3, 4), NO_ROI, f32(1, 1, 2, 2)],
+         {"mode": "linear", "coordinate_transformation_mode": "asymmetric"}, opset=13),
+    case("resize_linear_pytorch_half_pixel_down", "Resize", [x(1, 2, 8, 6), NO_ROI, None,
+                                                             i64(1, 2, 3, 4)],
+         {"mode": "linear", "coordinate_transformation_mode": "pytorch_half_pixel"}, opset=13),
+    case("resize_linear_half_pixel_half", "Resize", [x(1, 2, 8, 6), NO_ROI, f32(1, 1, 0.5, 0.5)],
+         {"mode": "linear"}, opset=13),
+    case("resize_linear_axes_sizes", "Resize", [x(1, 2, 4, 5), NO_ROI, None, i64(6, 10)],
+         {"mode": "linear", "axes": [2, 3]}, opset=18),
+    case("resize_linear_one_axis_3d", "Resize", [x(2, 3, 4), NO_ROI, f32(1, 1, 3)],
+         {"mode": "linear", "coordinate_transformation_mode": "align_corners"}, opset=13),
+    # no MIL op computes these: compile-time errors (tests/test_ops_compiled.py UNSUPPORTED)
+    case("resize_cubic", "Resize", [x(1, 1, 4, 4), NO_ROI, f32(1, 1, 2, 2)], {"mode": "cubic"},
+         opset=13),
+    case("resize_linear_fractional_scale", "Resize", [x(1, 1, 5, 5), NO_ROI, f32(1, 1, 1.5, 1.5)],
+         {"mode": "linear"}, opset=13),
+    case("resize_linear_antialias_down", "Resize", [x(1, 1, 8, 8), NO_ROI, f32(1, 1, 0.5, 0.5)],
+         {"mode": "linear", "antialias": 1}, opset=18),
+]
+
+# X, W, R, B, sequence_lens, initial_h, initial_c, P (layout 1 is in tests/test_rnn.py:
+# onnxruntime runs layout 0 only)
+LSTM = [
+    # silero-vad's form: forward, default activations, no sequence_lens, initial h and c
+    case("lstm_forward", "LSTM", [x(5, 2, 4), w(1, 24, 4), w(1, 24, 6), w(1, 48), None,
+                                  x(1, 2, 6), x(1, 2, 6)], {"hidden_size": 6}, opset=14,
+         outputs=3),
+    case("lstm_reverse_no_bias_no_state", "LSTM", [x(4, 3, 5), w(1, 16, 5), w(1, 16, 4)],
+         {"hidden_size": 4, "direction": "reverse"}, opset=14, outputs=3),
+    case("lstm_bidirectional", "LSTM", [x(6, 2, 3), w(2, 20, 3), w(2, 20, 5), w(2, 40), None,
+                                        x(2, 2, 5), x(2, 2, 5)],
+         {"hidden_size": 5, "direction": "bidirectional"}, opset=14, outputs=3),
+    case("lstm_peepholes_full_lengths", "LSTM", [x(4, 2, 3), w(1, 16, 3), w(1, 16, 4),
+                                                 w(1, 32), np.array([4, 4], np.int32),
+                                                 x(1, 2, 4), x(1, 2, 4), w(1, 12)],
+         {"hidden_size": 4}, opset=14, outputs=3),
+    case("lstm_relu_cell", "LSTM", [x(3, 1, 2), w(1, 12, 2, kind="uniform"),
+                                    w(1, 12, 3, kind="uniform")],
+         {"hidden_size": 3, "activations": ["Sigmoid", "Relu", "Tanh"]}, opset=14, outputs=3),
+    # no MIL equivalent: compile-time errors (tests/test_ops_compiled.py UNSUPPORTED)
+    case("lstm_clip", "LSTM", [x(3, 1, 2), w(1, 12, 2), w(1, 12, 3)],
+         {"hidden_size": 3, "clip": 0.5}, opset=14, outputs=3),
+    case("lstm_short_sequence_lens", "LSTM", [x(4, 2, 3), w(1, 12, 3), w(1, 12, 3), None,
+                                              np.array([4, 2], np.int32)],
+         {"hidden_size": 3}, opset=14, outputs=3),
+]
+
+# ops tested elsewhere, because a one-node case cannot hold them
+COVERED_ELSEWHERE = {"If": "tests/test_control_flow.py: its branches are subgraphs"}
+
+CASES: list[OpCase] = ELEMENTWISE + CONV + POOL + NORM + LINEAR + REDUCE + TENSOR + RESIZE \
+    + LSTM
 
 
 # -- building models and data ------------------------------------------------------------

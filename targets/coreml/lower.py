@@ -35,6 +35,13 @@ from applec.ir import Graph, Node, Value
 FP16_MAX = float(np.finfo(np.float16).max)
 INT32_MIN, INT32_MAX = np.iinfo(np.int32).min, np.iinfo(np.int32).max
 
+# words coremltools' name sanitizer renames (to "<word>_workaround") even in an empty pass
+# pipeline (`passes/defs/preprocess.py`); a feature must keep the name the manifest gives
+MIL_RESERVED = frozenset({
+    "any", "bool", "program", "func", "tensor", "list", "dict", "tuple", "true", "false",
+    "string", "bf16", "fp16", "fp32", "fp64", "int8", "int16", "int32", "int64", "uint8",
+    "uint16", "uint32", "uint64", "state"})
+
 # dtype a tensor has at the program boundary, keyed by the IR dtype's kind
 BOUNDARY = {"f": "fp32", "i": "int32", "u": "int32", "b": "int32"}
 
@@ -83,6 +90,8 @@ class Lowerer:
         name = re.sub(r"\W", "_", base) or "v"
         if name[0].isdigit():
             name = "v_" + name
+        if name in MIL_RESERVED:  # coremltools would rename it behind the manifest's back
+            name += "_"
         candidate, i = name, 0
         while candidate in self.names:
             i += 1
@@ -195,21 +204,8 @@ def lower_to_program(graph: Graph, precision: str, opset) -> Lowered:
                 var = mb.cast(x=var, dtype=want, name=lw.unique(port.feature + "__in"))
             lw.vars[id(value)] = var
         for node in graph.nodes:
-            rule = RULES.get(node.op_type)
-            if rule is None:
-                raise UnsupportedOpError(f"op {node.op_type} (node '{node.name}') has no "
-                                         "CoreML lowering")
-            lw.node = node
             before = len(func.operations)
-            try:
-                rule(lw, node)
-            except ApplecError:
-                raise
-            except Exception as exc:  # coremltools refusing what a rule built: our bug
-                text = (str(exc).strip() or type(exc).__name__).splitlines()[0][:300]
-                raise LoweringError(f"cannot lower {node.op_type} node '{node.name}' to "
-                                    f"CoreML: {text} (an applec bug: please report it)") \
-                    from exc
+            lower_node(lw, node, RULES)
             mil_ops[node.name] = [op.op_type for op in list(func.operations)[before:]
                                   if op.op_type != "const"]
         outputs, out_vars = [], []
@@ -231,6 +227,25 @@ def lower_to_program(graph: Graph, precision: str, opset) -> Lowered:
     program = Program()
     program.add_function("main", func)
     return Lowered(program, inputs, outputs, mil_ops, lw.notes)
+
+
+def lower_node(lw: Lowerer, node: Node, rules) -> None:
+    """Run `node`'s rule in the current MIL block (the function's, or a cond branch's)."""
+    rule = rules.get(node.op_type)
+    if rule is None:
+        raise UnsupportedOpError(f"op {node.op_type} (node '{node.name}') has no "
+                                 "CoreML lowering")
+    outer, lw.node = lw.node, node
+    try:
+        rule(lw, node)
+    except ApplecError:
+        raise
+    except Exception as exc:  # coremltools refusing what a rule built: our bug
+        text = (str(exc).strip() or type(exc).__name__).splitlines()[0][:300]
+        raise LoweringError(f"cannot lower {node.op_type} node '{node.name}' to "
+                            f"CoreML: {text} (an applec bug: please report it)") from exc
+    finally:
+        lw.node = outer
 
 
 # -- .mlpackage writing ------------------------------------------------------------------

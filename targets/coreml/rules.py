@@ -954,4 +954,5 @@ def lower_trilu(lw, node):
     lw.bind(node.outputs[0], mb.select(cond=keep, a=lw.get(x), b=zeros, name=lw.out_name()))
 
 
-from . import rules_fused  # noqa: E402,F401  (registers the fused ops)
+# the rules of the fused ops, Resize, If and LSTM, one module each
+from . import rules_control, rules_fused, rules_resize, rules_rnn  # noqa: E402,F401
