@@ -14,12 +14,17 @@ __version__ = "0.1.0"
 from .errors import ApplecError  # noqa: E402
 
 
-def compile(model, *, output, target="m2", precision="fp16", shapes=None, on_stage=None):
-    """Compile an ONNX file to a bundle; returns a `CompileResult`."""
+def compile(model, *, output, target="m2", precision="fp16", shapes=None, on_stage=None,
+            deployment_target=None, quantize=None, block_size=None, quantize_min_size=None,
+            calibration=None):
+    """Compile an ONNX file to a bundle; returns a `CompileResult`. `quantize`: int8, int4
+    or palette4 weights (docs/quantization.md)."""
     from .compiler import compile_model
 
     return compile_model(model, output=output, target=target, precision=precision,
-                         shapes=shapes, on_stage=on_stage)
+                         shapes=shapes, on_stage=on_stage, deployment_target=deployment_target,
+                         quantize=quantize, block_size=block_size,
+                         quantize_min_size=quantize_min_size, calibration=calibration)
 
 
 def load(bundle, *, backend="auto", compute_units="all"):

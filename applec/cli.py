@@ -88,12 +88,25 @@ def compile(
     shape: list[str] = typer.Option([], "--shape", help="NAME=DxDx... for dynamic inputs"),
     report: bool = typer.Option(False, "--report", help="print what every pass changed"),
     as_json: bool = typer.Option(False, "--json", help="print a JSON summary"),
+    deployment_target: str | None = typer.Option(
+        None, "--deployment-target", help="CoreML target (macOS14...); default: the chip's"),
+    quantize: str | None = typer.Option(
+        None, "--quantize", help="compress weights: int8 | int4 | palette4"),
+    block_size: int | None = typer.Option(
+        None, "--block-size", help="int4: input channels per scale (default 32)"),
+    quantize_min_size: int | None = typer.Option(
+        None, "--quantize-min-size", help="smallest weight quantized, in elements (2048)"),
+    calibration: Path | None = typer.Option(
+        None, "--calibration", help="FEEDS.npz of samples per input: GPTQ rounding"),
 ):
     """Compile MODEL.onnx into a bundle."""
     from .compiler import compile_model
     from .onnx_import import parse_shape_override
 
     shapes = dict(parse_shape_override(s) for s in shape)
+    options = {"deployment_target": deployment_target, "quantize": quantize,
+               "block_size": block_size, "quantize_min_size": quantize_min_size,
+               "calibration": calibration}
     stages_done = []
 
     def on_stage(stage: str, detail: str) -> None:
@@ -103,12 +116,15 @@ def compile(
 
     if as_json:
         result = compile_model(model, output=output, target=target, precision=precision,
-                               shapes=shapes, on_stage=on_stage)
-        emit_json(dict(result.summary(), passes=result.report["passes"]))
+                               shapes=shapes, on_stage=on_stage, **options)
+        summary = dict(result.summary(), passes=result.report["passes"])
+        if "quantization" in result.report:
+            summary["quantization"] = quantization_summary(result.report["quantization"])
+        emit_json(summary)
         return
     with err.status(f"compiling {model} for {target} ({precision})"):
         result = compile_model(model, output=output, target=target, precision=precision,
-                               shapes=shapes, on_stage=on_stage)
+                               shapes=shapes, on_stage=on_stage, **options)
     summary = result.summary()
     table = Table(title=f"{model.name} -> {output}", title_justify="left")
     table.add_column("partition")
@@ -125,6 +141,34 @@ def compile(
             out.print(f"  {record['pass']}: {record['rewrites']} rewrites")
     for note in result.report["notes"]:
         err.print(f"[yellow]note:[/] {note}")
+    if "quantization" in result.report:
+        print_quantization(result.report["quantization"])
+
+
+def quantization_summary(q: dict) -> dict:
+    keys = ("mode", "block_size", "method", "inputs", "weights", "outputs", "warnings")
+    return dict({k: q[k] for k in keys}, skipped=len(q["skipped"]),
+                fp16_overflow=q["fp16_overflow"])
+
+
+def print_quantization(q: dict) -> None:
+    w = q["weights"]
+    out.print(f"quantized {q['mode']} ({q['method']}): {w['layers']} weights, "
+              f"{w['float_bytes'] / 1e6:.2f} MB -> {w['quantized_bytes'] / 1e6:.2f} MB "
+              f"(x{w['ratio'] or 0:.2f})")
+    table = Table(title=f"vs unquantized, {q['inputs']}", title_justify="left")
+    for column in ("output", "cosine", "SNR dB"):
+        table.add_column(column)
+    for name, o in q["outputs"].items():
+        if "cosine" in o:
+            table.add_row(name, f"{o['cosine']:.5f}", f"{o['snr_db']:.1f}")
+        else:
+            table.add_row(name, f"{1 - o['mismatch']:.4f} equal", "-")
+    out.print(table)
+    if q["skipped"]:
+        out.print(f"kept float: {len(q['skipped'])} weight(s) (report.json: quantization.skipped)")
+    for warning in q["warnings"]:
+        err.print(f"[yellow]warning:[/] {warning}")
 
 
 # -- run -------------------------------------------------------------------------------------

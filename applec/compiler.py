@@ -46,16 +46,31 @@ def _tree_size(root: Path) -> int:
 
 def compile_model(model: str | Path, *, output: str | Path, target: str = "m2",
                   precision: str = "fp16", shapes: dict[str, tuple[int, ...]] | None = None,
-                  on_stage: Callable[[str, str], None] | None = None) -> CompileResult:
-    """Compile an ONNX file into a bundle at `output`; see the module doc for the stages."""
+                  on_stage: Callable[[str, str], None] | None = None,
+                  deployment_target: str | None = None, quantize: str | None = None,
+                  block_size: int | None = None, quantize_min_size: int | None = None,
+                  calibration=None) -> CompileResult:
+    """Compile an ONNX file into a bundle at `output`; see the module doc for the stages.
+
+    `deployment_target` overrides the profile's default CoreML target (one the chip
+    supports). `quantize` (int8 | int4 | palette4) compresses large weights, see
+    docs/quantization.md; `calibration` is a .npz path or a mapping of input name -> samples.
+    """
     from applec.passes import run_pipeline
+    from applec.passes._quant import make_config
+    from applec.passes._quant_calibration import load_calibration
     from applec.targets.coreml import lower_to_program, write_mlpackage
-    from applec.targets.profiles import coreml_target, load_profile
+    from applec.targets.profiles import load_profile
 
     if precision not in PRECISIONS:
         raise ApplecError(f"--precision must be one of {', '.join(PRECISIONS)}, "
                           f"not '{precision}'")
     profile = load_profile(target)
+    ct_target, deployment = _coreml_target(profile, deployment_target)
+    quant = make_config(quantize, block_size=block_size, min_size=quantize_min_size,
+                        calibration=calibration, precision=precision,
+                        ios18=_is_ios18(ct_target),
+                        target_text=f"target {profile.id} deploys to {deployment}")
     notify = on_stage or (lambda stage, detail: None)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
@@ -71,12 +86,24 @@ def compile_model(model: str | Path, *, output: str | Path, target: str = "m2",
     with bundle.staged_directory(output) as staging:
         graph = import_model(model, shapes)
         lap("import", f"{len(graph.nodes)} nodes")
+        if quant is not None:
+            if calibration is not None:
+                quant.calibration = load_calibration(calibration, graph.inputs)
+                quant.calibration_source = str(calibration) \
+                    if isinstance(calibration, (str, Path)) else "the given arrays"
+            graph.meta["quantize"] = quant
         pass_records = run_pipeline(graph)
         lap("optimize", f"{len(graph.nodes)} nodes after passes")
+        quantization = None
+        if quant is not None:
+            from .accuracy import quantization_report, release_float_weights
+
+            quantization = quantization_report(graph, quant, precision)
+            release_float_weights(graph)
+            lap("accuracy", f"{len(quant.layers)} weights quantized ({quantize})")
         partitions = [{"id": "p0", "backend": "coreml",
                        "artifact": "partitions/p0.mlpackage"}]
         lap("partition", "1 partition (coreml)")
-        ct_target = coreml_target(profile)
         lowered = lower_to_program(graph, precision, ct_target)
         artifact_dir = staging / "partitions" / "p0.mlpackage"
         artifact_dir.parent.mkdir(parents=True)
@@ -88,8 +115,10 @@ def compile_model(model: str | Path, *, output: str | Path, target: str = "m2",
             inputs=[p.to_json() for p in lowered.inputs],
             outputs=[p.to_json() for p in lowered.outputs],
             op_count=sum(len(v) for v in lowered.mil_ops.values()))
-        manifest = _manifest(graph, profile, precision, partitions)
+        manifest = _manifest(graph, profile, precision, partitions, deployment)
         report = _report(graph, pass_records, lowered, precision)
+        if quantization is not None:
+            _report_quantization(report, quantization, profile)
         manifest = bundle.finish(staging, manifest, report)
         lap("write", str(output))
     return CompileResult(output, manifest, report, seconds)
@@ -99,11 +128,47 @@ def profile_key(profile) -> str:
     return profile.id
 
 
+def _coreml_target(profile, deployment_target: str | None):
+    """The coremltools target and its name: the profile's default, or an override the chip
+    supports (`--deployment-target macOS14`)."""
+    from applec.errors import TargetError
+    from applec.targets.profiles import coreml_target
+
+    if deployment_target is None:
+        return coreml_target(profile), profile.coreml.deployment_target
+    supported = profile.coreml.supported_targets
+    if deployment_target not in supported:
+        raise TargetError(f"--deployment-target {deployment_target}: {profile.id} supports "
+                          f"{', '.join(supported)}")
+    import coremltools as ct
+
+    target = getattr(ct.target, deployment_target, None)
+    if target is None:
+        raise TargetError(f"--deployment-target {deployment_target}: coremltools "
+                          f"{ct.__version__} does not know it")
+    return target, deployment_target
+
+
+def _is_ios18(ct_target) -> bool:
+    import coremltools as ct
+
+    return ct_target >= ct.target.iOS18
+
+
+def _mil_opset(profile, deployment: str) -> str:
+    """CoreML<spec - 1>: spec 6..10 are the opsets CoreML5..CoreML9 (coremltools _OPSET)."""
+    if deployment == profile.coreml.deployment_target:
+        return profile.coreml.mil_opset
+    import coremltools as ct
+
+    return f"CoreML{int(getattr(ct.target, deployment)) - 1}"
+
+
 def _io(values) -> list[dict]:
     return [{"name": v.name, "dtype": v.dtype.name, "shape": list(v.shape)} for v in values]
 
 
-def _manifest(graph: Graph, profile, precision: str, partitions) -> dict:
+def _manifest(graph: Graph, profile, precision: str, partitions, deployment: str) -> dict:
     import coremltools
 
     return {
@@ -112,8 +177,8 @@ def _manifest(graph: Graph, profile, precision: str, partitions) -> dict:
         "compiler": {"name": "applec", "version": __version__,
                      "coremltools": coremltools.__version__},
         "target": {"chip": profile.id, "name": profile.name,
-                   "deployment_target": profile.coreml.deployment_target,
-                   "mil_opset": profile.coreml.mil_opset, "precision": precision},
+                   "deployment_target": deployment,
+                   "mil_opset": _mil_opset(profile, deployment), "precision": precision},
         "model": {"source": graph.meta.get("source"), "opset": graph.meta.get("opset"),
                   "inputs": _io(graph.inputs), "outputs": _io(graph.outputs)},
         "partitions": partitions,
@@ -135,3 +200,22 @@ def _report(graph: Graph, pass_records, lowered, precision: str) -> dict:
         "nodes": nodes,
         "notes": sorted(set(lowered.notes) | set(graph.meta.get("notes", []))),
     }
+
+
+def _report_quantization(report: dict, quantization: dict, profile) -> None:
+    """The quantization section, and on each quantized ONNX node what was done to it."""
+    report["quantization"] = quantization
+    nodes = report["nodes"]
+    blockwise_on_ane = profile.ane_constraints.blockwise_quantized_weights
+    for layer in quantization["layers"].values():
+        entry = nodes.get(layer.get("onnx_node"))
+        if entry is None:
+            continue
+        keys = ("mode", "method", "shape", "block_size", "weight_snr_db", "output_snr_db",
+                "float_bytes", "quantized_bytes")
+        entry["quantization"] = {k: layer[k] for k in keys if k in layer}
+        if layer.get("blockwise") and not blockwise_on_ane:
+            entry.setdefault("notes", []).append(
+                "block-wise quantized weight: the Neural Engine runs only per-tensor and "
+                "per-channel quantization (coremltools#2510), so CoreML runs this layer on "
+                "the CPU or GPU")

@@ -18,6 +18,7 @@ from . import (
     eliminate_dead_code,
     eliminate_identity,
     fold_constants,
+    fold_qdq_weights,
     fuse_attention,
     fuse_conv_batchnorm,
     fuse_gelu,
@@ -26,11 +27,14 @@ from . import (
     fuse_matmul_add,
     fuse_rms_norm,
     fuse_silu,
+    quantize_weights,
 )
 
 PassFn = Callable[[Graph], int]
 
 # Order matters:
+# - fold_qdq_weights before fold_constants: import leaves DequantizeLinear of constants
+#   unfolded so QDQ weights stay compressed; it compresses or folds each, then folding goes on.
 # - fold_constants first: exporters leave shape arithmetic that other passes must see as
 #   constants (a Reshape's target shape, a Squeeze's axes).
 # - eliminate_identity after folding: folding turns Cast/Reshape into no-ops it can spot.
@@ -45,8 +49,12 @@ PassFn = Callable[[Graph], int]
 #   is a biased MatMul when K and the mask are constants.
 # - fuse_conv_batchnorm, fuse_gelu, fuse_silu, fuse_hard_swish touch disjoint ops and
 #   commute with the others.
+# - quantize_weights after the fusions: it reads applec.Linear's [out, in] weight and the
+#   folded Conv+BatchNorm weights, and a quantized weight is no constant a fusion could
+#   match; it is a no-op unless `--quantize` put a config in graph.meta["quantize"].
 # - eliminate_dead_code last: every pass above leaves unused values behind.
 PIPELINE: list[tuple[str, PassFn]] = [
+    ("fold_qdq_weights", fold_qdq_weights.run),
     ("fold_constants", fold_constants.run),
     ("eliminate_identity", eliminate_identity.run),
     ("eliminate_common_subexpressions", eliminate_common_subexpressions.run),
@@ -58,6 +66,7 @@ PIPELINE: list[tuple[str, PassFn]] = [
     ("fuse_hard_swish", fuse_hard_swish.run),
     ("fuse_attention", fuse_attention.run),
     ("fuse_matmul_add", fuse_matmul_add.run),
+    ("quantize_weights", quantize_weights.run),
     ("eliminate_dead_code", eliminate_dead_code.run),
 ]
 

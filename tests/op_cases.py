@@ -512,11 +512,98 @@ LSTM = [
          {"hidden_size": 3}, opset=14, outputs=3),
 ]
 
+def u8(*values) -> np.ndarray:
+    return np.array(values, np.uint8)
+
+
+# Quantization (applec/ops/qdq.py). Integer outputs are compared exactly; QuantizeLinear and
+# DynamicQuantizeLinear have no fp16 variant (a float16 input moves x / scale by more than
+# the rounding step), the integer products do (they compute in fp32 in any program).
+QDQ_SCALE = scalar(0.05, np.float32)
+QDQ = [
+    case("quantizelinear_uint8", "QuantizeLinear", [x(2, 3, 4), QDQ_SCALE, scalar(128, np.uint8)],
+         opset=13, fp16_ok=False),
+    case("quantizelinear_no_zero_point", "QuantizeLinear", [x(2, 3, 4), QDQ_SCALE], opset=10,
+         fp16_ok=False),
+    # x / scale lands on halves: round half to even, before the (odd) zero point is added
+    case("quantizelinear_ties_half_even", "QuantizeLinear",
+         [x(4, 8, kind="distinct"), scalar(0.25, np.float32), scalar(3, np.int8)], opset=13,
+         fp16_ok=False),
+    case("quantizelinear_saturate", "QuantizeLinear",
+         [x(2, 3, 4), scalar(0.005, np.float32), scalar(-20, np.int8)], opset=13, fp16_ok=False),
+    case("quantizelinear_per_axis_int8", "QuantizeLinear",
+         [x(2, 3, 4), w(3, kind="positive"), np.array([-3, 0, 5], np.int8)], {"axis": 1},
+         opset=13, fp16_ok=False),
+    case("quantizelinear_runtime_scale", "QuantizeLinear",
+         [x(2, 3, 4), x(4, kind="positive"), x(4, kind="ints 0..255", dtype="uint8")],
+         {"axis": -1}, opset=13, fp16_ok=False),
+    case("quantizelinear_int16", "QuantizeLinear",
+         [x(3, 8), scalar(1e-4, np.float32), scalar(-7, np.int16)], opset=21, fp16_ok=False),
+    case("quantizelinear_uint16", "QuantizeLinear",
+         [x(3, 8), scalar(1e-4, np.float32), scalar(30000, np.uint16)], opset=21,
+         fp16_ok=False),
+    case("quantizelinear_blocked", "QuantizeLinear",
+         [x(4, 6), w(4, 2, kind="positive"), w(4, 2, kind="ints 0..255", dtype="uint8")],
+         {"axis": 1, "block_size": 3}, opset=21, fp16_ok=False),
+    case("quantizelinear_blocked_short_block", "QuantizeLinear",
+         [x(5, 3), w(3, 3, kind="positive")], {"axis": 0, "block_size": 2, "output_dtype": 3},
+         opset=21, fp16_ok=False),
+    case("dequantizelinear_uint8", "DequantizeLinear",
+         [x(2, 3, 4, kind="ints 0..255", dtype="uint8"), QDQ_SCALE, scalar(100, np.uint8)],
+         opset=13),
+    case("dequantizelinear_per_axis_int8", "DequantizeLinear",
+         [x(2, 3, 4, kind="ints -128..127", dtype="int8"), w(3, kind="positive"),
+          np.array([-3, 0, 5], np.int8)], {"axis": 1}, opset=13),
+    case("dequantizelinear_int32_bias", "DequantizeLinear",
+         [x(6, kind="ints -100000..100000", dtype="int32"), scalar(1e-3, np.float32)], opset=13),
+    case("dequantizelinear_int16", "DequantizeLinear",
+         [x(3, 8, kind="ints -32768..32767", dtype="int16"), scalar(1e-3, np.float32),
+          scalar(-7, np.int16)], opset=21),
+    case("dequantizelinear_uint16", "DequantizeLinear",
+         [x(3, 8, kind="ints 0..65535", dtype="uint16"), scalar(1e-3, np.float32),
+          scalar(30000, np.uint16)], opset=21),
+    case("dequantizelinear_blocked", "DequantizeLinear",
+         [x(4, 6, kind="ints 0..255", dtype="uint8"), w(4, 2, kind="positive"),
+          w(4, 2, kind="ints 0..255", dtype="uint8")], {"axis": 1, "block_size": 3}, opset=21),
+    case("dequantizelinear_runtime_scale", "DequantizeLinear",
+         [x(2, 3, 4, kind="ints -128..127", dtype="int8"), x(3, kind="positive"),
+          x(3, kind="ints -128..127", dtype="int8")], {"axis": 1}, opset=13),
+    # all constant: fold_qdq_weights folds it (it feeds no weight)
+    case("dequantizelinear_constant", "DequantizeLinear",
+         [w(3, 4, kind="ints -128..127", dtype="int8"), w(4, kind="positive"),
+          np.array([1, 0, -1, 2], np.int8)], {"axis": 1}, opset=13),
+    case("dynamicquantizelinear", "DynamicQuantizeLinear", [x(2, 3, 4)], opset=11, outputs=3,
+         fp16_ok=False),
+    case("dynamicquantizelinear_positive", "DynamicQuantizeLinear", [x(3, 4, kind="positive")],
+         opset=11, outputs=3, fp16_ok=False),
+    # (onnxruntime takes one w_zero_point only; the node tests check one per channel)
+    case("convinteger_uint8", "ConvInteger",
+         [x(1, 3, 6, 6, kind="ints 0..255", dtype="uint8"),
+          w(4, 3, 3, 3, kind="ints 0..255", dtype="uint8"), scalar(128, np.uint8),
+          u8(120)], {"pads": [1, 1, 1, 1]}, opset=10),
+    case("convinteger_strided_no_zero_points", "ConvInteger",
+         [x(2, 4, 7, 7, kind="ints 0..255", dtype="uint8"),
+          w(6, 2, 3, 3, kind="ints 0..255", dtype="uint8")],
+         {"strides": [2, 2], "group": 2, "dilations": [2, 1]}, opset=10),
+    case("convinteger_runtime_weight", "ConvInteger",
+         [x(1, 2, 5, 5, kind="ints 0..255", dtype="uint8"),
+          x(3, 2, 2, 2, kind="ints 0..255", dtype="uint8"), scalar(7, np.uint8),
+          scalar(131, np.uint8)], {"auto_pad": "SAME_UPPER"}, opset=10),
+    case("matmulinteger_uint8_per_column", "MatMulInteger",
+         [x(2, 4, 8, kind="ints 0..255", dtype="uint8"),
+          w(8, 5, kind="ints 0..255", dtype="uint8"), scalar(12, np.uint8),
+          u8(100, 128, 130, 0, 255)], opset=10),
+    case("matmulinteger_int8_runtime", "MatMulInteger",
+         [x(3, 4, kind="ints 0..255", dtype="uint8"), x(4, 6, kind="ints -128..127",
+                                                           dtype="int8"),
+          scalar(9, np.uint8), scalar(-5, np.int8)], opset=10),
+]
+
 # ops tested elsewhere, because a one-node case cannot hold them
 COVERED_ELSEWHERE = {"If": "tests/test_control_flow.py: its branches are subgraphs"}
 
 CASES: list[OpCase] = ELEMENTWISE + CONV + POOL + NORM + LINEAR + REDUCE + TENSOR + RESIZE \
-    + LSTM
+    + LSTM + QDQ
 
 
 # -- building models and data ------------------------------------------------------------

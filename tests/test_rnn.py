@@ -87,6 +87,17 @@ def test_batch_first_layout(tmp_path, direction, peepholes, precision):
     check(got, expected_batch_first(model, feeds, tmp_path), precision)
 
 
+def test_fp16_before_ios17_runs_lstm_in_fp32(tmp_path):
+    model, feeds = lstm_model(4, 2, 3, 5, "bidirectional")
+    onnx.save(model, tmp_path / "model.onnx")
+    result = applec.compile(tmp_path / "model.onnx", output=tmp_path / "b", precision="fp16",
+                            deployment_target="macOS13")
+    ops = next(e for e in result.report["nodes"].values() if e["op_type"] == "LSTM")["mil_ops"]
+    assert "lstm" in ops and ops.count("cast") == 6  # x, h0, c0 in; y, y_h, y_c out
+    got = applec.load(tmp_path / "b", backend="reference").run(feeds)
+    check(got, onnxruntime_outputs(tmp_path / "model.onnx", feeds), "fp16")
+
+
 def test_lstm_inside_a_runtime_branch(tmp_path):
     """silero-vad's shape: If(sr == 16000) picks one of two LSTMs at run time."""
     hidden, size = 4, 3

@@ -145,4 +145,4 @@ class Binary(OpDef):
 
 
 # Importing the entry modules fills OPS.
-from . import control, elementwise, fused, nn, reduce, resize, rnn, tensor  # noqa: E402,F401
+from . import control, elementwise, fused, nn, qdq, quant, reduce, resize, rnn, tensor  # noqa: E402,F401

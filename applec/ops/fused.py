@@ -28,11 +28,14 @@ from .nn import accumulator, broadcasts_to
 @register
 class Linear(OpDef):
     op_type = "applec.Linear"
-    static_inputs = (1, 2)
+    static_inputs = (2,)  # the weight may also be a quantized weight's dequantization
 
     def infer(self, node):
         x, weight, bias = node.inputs[0], node.inputs[1], node.input(2)
-        self.static(node, 1)
+        dequantized = weight.producer is not None and \
+            weight.producer.op_type == "applec.DequantizeWeight"
+        if not (weight.is_const or dequantized):
+            self.fail(node, f"weight '{weight.name}' must be a constant or a quantized weight")
         if not x.shape or len(weight.shape) != 2 or weight.shape[1] != x.shape[-1]:
             self.fail(node, "weight must be [out, in] with in = the last dim of x")
         n = weight.shape[0]

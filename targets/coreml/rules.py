@@ -955,4 +955,4 @@ def lower_trilu(lw, node):
 
 
 # the rules of the fused ops, Resize, If and LSTM, one module each
-from . import rules_control, rules_fused, rules_resize, rules_rnn  # noqa: E402,F401
+from . import rules_control, rules_fused, rules_qdq, rules_resize, rules_rnn  # noqa: E402,F401

@@ -27,15 +27,17 @@ def opset_has_sdpa(lw) -> bool:
 @rule("applec.Linear")
 def lower_linear(lw, node):
     x, weight, bias = node.inputs[0], node.inputs[1], node.input(2)
+    # a quantized weight is the output of applec.DequantizeWeight: a MIL constexpr var
     if len(x.shape) <= 3:  # MIL linear takes x of rank 1 to 3
-        args = {"x": lw.get(x), "weight": lw.array(weight.const, weight.name),
-                "name": lw.out_name()}
+        w = lw.array(weight.const, weight.name) if weight.is_const else lw.get(weight)
+        args = {"x": lw.get(x), "weight": w, "name": lw.out_name()}
         if bias is not None:
             args["bias"] = lw.array(bias.const, bias.name)
         lw.bind(node.outputs[0], mb.linear(**args))
         return
-    y = mb.matmul(x=lw.get(x), y=lw.array(weight.const.T, weight.name),
-                  name=lw.out_name() if bias is None else lw.tmp("mm"))
+    y_args = {"y": lw.array(weight.const.T, weight.name)} if weight.is_const else \
+        {"y": lw.get(weight), "transpose_y": True}
+    y = mb.matmul(x=lw.get(x), **y_args, name=lw.out_name() if bias is None else lw.tmp("mm"))
     if bias is not None:
         y = mb.add(x=y, y=lw.array(bias.const, bias.name), name=lw.out_name())
     lw.bind(node.outputs[0], y)
@@ -90,3 +92,6 @@ def lower_attention(lw, node):
                            name=lw.tmp("masked"))
     probs = mb.softmax(x=scores, axis=-1, name=lw.tmp("probs"))
     lw.bind(node.outputs[0], mb.matmul(x=probs, y=lw.get(v), name=lw.out_name()))
+
+
+from . import rules_quant  # noqa: F401  (registers applec.DequantizeWeight)
