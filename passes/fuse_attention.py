@@ -3,8 +3,16 @@
     before: s = MatMul(q, kT) / sqrt(d)         (or * 1/sqrt(d), or q and/or kT scaled)
             s = s + mask                        (optional float mask; or a bool mask:
                                                  Where(keep, s, fill) / Where(drop, fill, s))
-            y = MatMul(Softmax(s, axis=-1), v)
-    after:  y = applec.Attention(q, k, v, mask, scale=1/sqrt(d))
+            p = Softmax(s, axis=-1)
+            p = Where(IsNaN(p), 0, p)           (optional: torch's guard for rows whose keys
+                                                 are all masked)
+            y = MatMul(p, v)
+    after:  y = applec.Attention(q, k, v, mask, scale=1/sqrt(d), nan_to_zero=0|1)
+
+The NaN guard moves to the output (nan_to_zero=1): a softmax row is all NaN (every key
+masked with -inf) or has none, and a NaN row of p gives a NaN row of p @ v, so zeroing NaN
+outputs equals zeroing NaN probabilities (for finite v; a NaN inside v itself would be
+zeroed too, where the original passes it through).
 
 The fused op takes K untransposed ([.., S, D]): when kT comes from a Transpose (exporters
 write perm [0,2,3,1] from [B,S,H,D], or [0,1,3,2]), that Transpose is replaced by one that
@@ -23,7 +31,7 @@ from __future__ import annotations
 
 from applec.ir import Graph, Value
 
-from ._patterns import Const, Either, Fusion, Match, Op, Pattern, Var, apply, scalar
+from ._patterns import Const, Either, Fusion, Match, Op, Pattern, Var, apply, describe, scalar
 
 
 def scaled(name: str, inner: Pattern) -> Pattern:
@@ -41,7 +49,11 @@ MASKED = Either(Op("Add", SCORES, Var("mask"), name="mask_op"),
                 Op("Where", Op("Not", Var("keep")), Var("fill"), SCORES, name="mask_op"),
                 Op("Where", Var("drop"), Var("fill"), SCORES, name="mask_op"),
                 SCORES)
-PATTERN = Op("MatMul", Op("Softmax", MASKED, name="softmax"), Var("v"), name="pv")
+SOFTMAX = Op("Softmax", MASKED, name="softmax")
+PROBS = Either(Op("Where", Op("IsNaN", Var("guarded"), name="isnan"), Const("nan_fill"), SOFTMAX,
+                  name="nan_guard"),
+               SOFTMAX)
+PATTERN = Op("MatMul", PROBS, Var("v"), name="pv")
 
 
 def scale_of(m: Match) -> float | None:
@@ -73,6 +85,11 @@ def check(m: Match) -> str | None:
         return f"the Softmax is over axis {softmax.attrs.get('axis', -1)}, not the last axis"
     if scale_of(m) is None:
         return "a scale factor is not a constant nonzero scalar"
+    if "nan_guard" in m:
+        if m["guarded"] is not softmax.outputs[0]:
+            return "the IsNaN guard tests another tensor than the Softmax output"
+        if scalar(m["nan_fill"]) != 0:
+            return f"the NaN guard fills {describe(m['nan_fill'])}, not 0"
     k = key_shape(m)
     if not len(q.shape) == len(k) == len(v.shape):
         return "q, k and v have different ranks"
@@ -112,6 +129,8 @@ def swap_last(perm: list[int]) -> list[int]:
 def rewrite(e, m: Match):
     k = untransposed_key(e, m)
     attrs = {"scale": scale_of(m)}
+    if "nan_guard" in m:
+        attrs["nan_to_zero"] = 1
     inputs = [m["q"], k, m["v"]]
     if "mask" in m:
         inputs.append(m["mask"])

@@ -464,6 +464,45 @@ def test_attention_forms(tmp_path, compiled):
     assert mil_ops_of(c, "drop_mask") == ["matmul", "mul", "select", "softmax", "matmul"]
 
 
+def test_attention_with_torch_nan_guard(tmp_path, compiled):
+    """torch exports Softmax -> Where(IsNaN(p), 0, p) -> MatMul: fused, the guard moves to
+    the output; a fully masked row gives zeros exactly as the guarded original does."""
+    b = GraphBuilder()
+    kt = b.op("Transpose", ["k"], perm=[0, 1, 3, 2])
+    scores = b.op("Div", [b.op("MatMul", ["q", kt]), f32(b, math.sqrt(8))])
+    probs = b.op("Softmax", [b.op("Where", ["keep", scores, f32(b, -np.inf)])], axis=-1)
+    guarded = b.op("Where", [b.op("IsNaN", [probs]), f32(b, 0.0), probs])
+    b.op("MatMul", [guarded, "v"], name="y")
+    infos = [tensor(n, F, (2, 4, 8, 8)) for n in ("q", "k", "v")]
+    infos.append(tensor("keep", TensorProto.BOOL, (2, 1, 8, 8)))
+    proto = b.model(infos, [tensor("y", F, (2, 4, 8, 8))])
+    keep = np.ones((2, 1, 8, 8), bool)
+    keep[1, :, 3, :] = False  # query 3 of batch 1 may attend to nothing: NaN -> 0
+    feeds = {n: seeded((2, 4, 8, 8), i) for i, n in enumerate(("q", "k", "v"))}
+    feeds["keep"] = keep
+    unfused, fused, rewrites = pipelines(tmp_path, proto)
+    assert rewrites["fuse_attention"] == 1
+    assert fused.op_counts() == {"applec.Attention": 1}
+    assert fused.outputs[0].producer.attrs["nan_to_zero"] == 1
+    assert_same_numbers(unfused, fused, feeds)
+    c = compiled(proto)
+    c.check(feeds)
+    assert np.all(c.run(feeds)["y"][1, :, 3, :] == 0)
+    assert mil_ops_of(c, "y") == ["scaled_dot_product_attention", "not_equal", "select"]
+
+
+def test_attention_nan_guard_near_miss(tmp_path):
+    """A guard that fills NaN with 1 is not torch's: no fusion, and the report says why."""
+    b = GraphBuilder()
+    probs = b.op("Softmax", [b.op("MatMul", ["q", "k"])], axis=-1)
+    guarded = b.op("Where", [b.op("IsNaN", [probs]), f32(b, 1.0), probs])
+    b.op("MatMul", [guarded, "v"], name="y")
+    infos = [tensor(n, F, (2, 8, 8)) for n in ("q", "k", "v")]
+    unfused, fused, rewrites = pipelines(tmp_path, b.model(infos, [tensor("y", F, (2, 8, 8))]))
+    assert rewrites["fuse_attention"] == 0
+    assert "applec.Attention" not in fused.op_counts()
+
+
 def test_attention_lowering_without_sdpa(tmp_path):
     """Before iOS18 there is no SDPA: the same fused op lowers to matmul/softmax/matmul."""
     import coremltools as ct

@@ -88,7 +88,8 @@ class RMSNorm(OpDef):
 @register
 class Attention(OpDef):
     op_type = "applec.Attention"
-    attrs: ClassVar[dict[str, Any]] = {"scale": REQUIRED, "mask_fill": float("-inf")}
+    attrs: ClassVar[dict[str, Any]] = {"scale": REQUIRED, "mask_fill": float("-inf"),
+                                       "nan_to_zero": 0}
 
     def infer(self, node):
         q, k, v, mask = node.inputs[0], node.inputs[1], node.inputs[2], node.input(3)
@@ -115,6 +116,10 @@ class Attention(OpDef):
             scores = np.where(mask, scores, acc.type(self.attr(node, "mask_fill")))
         elif mask is not None:
             scores = scores + mask.astype(acc)
-        shifted = scores - scores.max(axis=-1, keepdims=True)
-        probs = np.exp(shifted) / np.exp(shifted).sum(axis=-1, keepdims=True)
-        return [np.matmul(probs, v.astype(acc)).astype(q.dtype)]
+        with np.errstate(invalid="ignore"):  # fully masked rows: NaN, as ONNX gives
+            shifted = scores - scores.max(axis=-1, keepdims=True)
+            probs = np.exp(shifted) / np.exp(shifted).sum(axis=-1, keepdims=True)
+        out = np.matmul(probs, v.astype(acc))
+        if self.attr(node, "nan_to_zero"):
+            out = np.where(np.isnan(out), 0, out)
+        return [out.astype(q.dtype)]

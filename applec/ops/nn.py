@@ -498,8 +498,9 @@ class SoftmaxBase(OpDef):
         """(x - max, sum(exp(x - max))) along the op's axis, in the accumulator dtype."""
         axis = normalize_axis(node, self.attr(node, "axis"), x.ndim)
         xa = x.astype(accumulator(x.dtype))
-        shifted = xa - xa.max(axis=axis, keepdims=True)
-        return shifted, np.exp(shifted).sum(axis=axis, keepdims=True)
+        with np.errstate(invalid="ignore"):  # an all -inf row gives NaN, as ONNX defines
+            shifted = xa - xa.max(axis=axis, keepdims=True)
+            return shifted, np.exp(shifted).sum(axis=axis, keepdims=True)
 
 
 @register

@@ -68,6 +68,7 @@ def lower_attention(lw, node):
     q, k, v, mask = node.inputs[0], node.inputs[1], node.inputs[2], node.input(3)
     scale = float(node.attrs["scale"])
     fill = float(node.attrs.get("mask_fill", -np.inf))
+    guard = bool(node.attrs.get("nan_to_zero", 0))
     # SDPA's bool mask fills with -inf; another fill is exact only in the decomposed form
     sdpa_mask = mask is None or mask.dtype.kind == "f" or fill == -np.inf
     if opset_has_sdpa(lw) and len(q.shape) >= 3 and sdpa_mask:
@@ -76,10 +77,11 @@ def lower_attention(lw, node):
         factor = scale * math.sqrt(q.shape[-1])
         if abs(factor - 1) > SDPA_TOLERANCE:
             query = mb.mul(x=query, y=lw.scalar(factor), name=lw.tmp("q_scaled"))
-        args = {"query": query, "key": lw.get(k), "value": lw.get(v), "name": lw.out_name()}
+        args = {"query": query, "key": lw.get(k), "value": lw.get(v),
+                "name": lw.tmp("sdpa") if guard else lw.out_name()}
         if mask is not None:
             args["attn_mask"] = lw.get(mask)
-        lw.bind(node.outputs[0], mb.scaled_dot_product_attention(**args))
+        lw.bind(node.outputs[0], nan_to_zero(lw, mb.scaled_dot_product_attention(**args), guard))
         return
     scores = mb.matmul(x=lw.get(q), y=lw.get(k), transpose_y=True, name=lw.tmp("scores"))
     if scale != 1:
@@ -91,7 +93,16 @@ def lower_attention(lw, node):
                            b=lw.array(np.asarray(fill, np.float32), f"{node.name}_fill"),
                            name=lw.tmp("masked"))
     probs = mb.softmax(x=scores, axis=-1, name=lw.tmp("probs"))
-    lw.bind(node.outputs[0], mb.matmul(x=probs, y=lw.get(v), name=lw.out_name()))
+    out = mb.matmul(x=probs, y=lw.get(v), name=lw.tmp("pv") if guard else lw.out_name())
+    lw.bind(node.outputs[0], nan_to_zero(lw, out, guard))
 
 
-from . import rules_quant  # noqa: F401  (registers applec.DequantizeWeight)
+def nan_to_zero(lw, var, guard: bool):
+    """Where(IsNaN(var), 0, var) when the fused pattern carried torch's NaN guard."""
+    if not guard:
+        return var
+    is_nan = mb.not_equal(x=var, y=var, name=lw.tmp("isnan"))
+    return mb.select(cond=is_nan, a=lw.scalar(0.0), b=var, name=lw.out_name())
+
+
+from . import rules_quant  # noqa: E402,F401  (registers applec.DequantizeWeight)
