@@ -163,18 +163,9 @@ def drop_unused_captures(node: Node) -> None:
 
 def prune(graph: Graph) -> int:
     """Remove the nodes of `graph` that no output needs (a branch's dead code)."""
-    live = {id(v) for v in graph.outputs}
-    removed = 0
-    for node in reversed(list(graph.nodes)):
-        if any(id(v) in live for v in node.outputs):
-            live.update(id(v) for v in node.inputs if v is not None)
-            continue
-        graph.remove_node(node)
-        removed += 1
-        entry = graph.meta.get("report", {}).get(node.meta.get("onnx_node"))
-        if entry is not None and entry.get("status") == "imported":
-            entry.update(status="eliminated", reason="its outputs are never used")
-    return removed
+    from applec.passes import eliminate_dead_code  # passes build on this module's users
+
+    return eliminate_dead_code.run(graph)
 
 
 def poison_branch(like: Graph, name: str) -> Graph:
