@@ -1,10 +1,20 @@
 """Run a saved CoreML ML program on Linux with numpy, as a reference for the real thing.
 
 CoreML itself only runs on macOS. `ReferenceProgram` reads the .mlpackage from disk
-(`mil_reader`), folds its `const` / `constexpr_*` ops once, and interprets the rest op by
-op with the numpy references in `mil_ops`. Each result is cast to the dtype the program
-declares, so fp16 programs are rounded to fp16 after every op, like the device does.
+(`mil_reader`), folds its `const` / `constexpr_*` ops, and every op that reads constants
+only, once, and interprets the rest op by op with the numpy references in `mil_ops`.
 Intermediate tensors are dropped as soon as their last reader has run.
+
+Loading turns every op into a `_Step`: its constant arguments resolved and decoded once
+(attributes, immediates, folded constants), the variables it reads, and what becomes of
+each result. Running is then a loop over steps.
+
+fp16: the executor holds every fp16 value as the float32 number it equals (the conversion is
+exact), so ops always compute in fp32. Each result the program declares fp16 is rounded to
+the nearest fp16 value, once per op, like the device does; results of pure data-movement
+ops and of ops that pick values (maximum, clip, ...) are fp16 values already when their
+inputs are, and are not rounded again. Outputs and feeds are converted at
+the program's edges, so callers see the declared dtypes.
 """
 
 from __future__ import annotations
@@ -13,11 +23,37 @@ import numpy as np
 
 from applec.errors import ApplecError, BundleError, InputError
 
-from .mil_ops import MIL_OPS
+from .mil_ops import KEEPS_FP16, MIL_OPS, TRANSPOSED
 from .mil_reader import Block, Operation, Program, TensorInfo, read_mlpackage, walk
 
 # Ops run by the executor itself because they own nested blocks.
 CONTROL_FLOW_OPS = frozenset({"cond"})
+F16, F32 = np.dtype(np.float16), np.dtype(np.float32)
+
+# What becomes of a result: KEEP it (cast to the declared dtype if needed); or, declared fp16,
+# hold it as fp32: as is when it holds fp16 values already (FP16_EXACT), else rounded to them,
+# in a copy (FP16_ROUND) or in place when the op made a fresh array (FP16_ROUND_IN_PLACE).
+KEEP, FP16_EXACT, FP16_ROUND, FP16_ROUND_IN_PLACE = range(4)
+
+
+class _Step:
+    """One op ready to run. `static` holds its constant arguments (already decoded and in fp32
+    where the program has fp16), `reads` the (parameter, variable) pairs it takes from the
+    environment, `lists` its variadic parameters that mix variables and constants as
+    (parameter, ((variable or None, constant), ...)); `finish` has one (kind, dtype, shape,
+    shape is fully known) per output; `dead` names the variables nobody reads after it."""
+
+    __slots__ = ("op", "static", "reads", "lists", "names", "finish", "dead", "branches")
+
+    def __init__(self, op: Operation):
+        self.op = op
+        self.static: dict = {}
+        self.reads: tuple = ()
+        self.lists: tuple = ()
+        self.names = tuple(t.name for t in op.outputs)
+        self.finish: tuple = ()
+        self.dead: tuple = ()
+        self.branches: tuple = ()  # cond: (steps, outputs) of the true, then the false branch
 
 
 class ReferenceProgram:
@@ -27,10 +63,18 @@ class ReferenceProgram:
         self.path = str(mlpackage_path)
         self.program: Program = read_mlpackage(self.path)
         self._check_supported(self.program.main)
-        self._consts: dict[str, object] = {}
-        self._fold_constants(self.program.main)
-        self._frees: dict[int, list[list[str]]] = {}
-        self._plan_frees(self.program.main, keep={t.name for t in self.program.outputs})
+        consts = self._fold_constants(self.program.main)
+        self._dtypes = {t.name: t.mil_dtype for t in self.program.inputs}
+        for op in walk(self.program.main):
+            self._dtypes.update((t.name, t.mil_dtype) for t in op.outputs)
+        keep = {t.name for t in self.program.outputs}
+        self._main = self._plan_block(self.program.main, consts, keep)
+        # Constants live in the steps that read them; only those a block returns by name stay.
+        returned = set(keep)
+        for op in walk(self.program.main):
+            for inner in op.blocks:
+                returned.update(inner.outputs)
+        self._consts = {name: self._constant(name, consts) for name in returned if name in consts}
 
     @property
     def inputs(self) -> list[TensorInfo]:
@@ -46,9 +90,11 @@ class ReferenceProgram:
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Outputs by name, in the program's declared dtypes; bad feeds raise InputError."""
-        env = dict(self._check_feeds(feeds))
-        self._run_block(self.program.main, env)
-        # Copies: an output may be a view of a cached constant or of a feed.
+        env = {name: value.astype(F32) if value.dtype == F16 else value
+               for name, value in self._check_feeds(feeds).items()}
+        with np.errstate(all="ignore"):  # IEEE results (inf, NaN), as on the device
+            self._run_steps(self._main, env)
+        # Copies: an output may be a view of a constant or of a feed.
         return {t.name: np.array(self._lookup(env, t.name), dtype=t.dtype)
                 for t in self.program.outputs}
 
@@ -60,31 +106,123 @@ class ReferenceProgram:
                 raise BundleError(f"{self.path}: unsupported MIL op type {op.type!r} "
                                   f"(op producing {op.name!r})")
 
-    def _fold_constants(self, block: Block) -> None:
-        """Evaluate const and constexpr ops once; their results live as long as the program."""
+    def _fold_constants(self, block: Block) -> dict[str, np.ndarray]:
+        """Evaluate const and constexpr ops once. A const's value moves out of the program
+        as it is (`_constant` converts it when a step binds it)."""
+        consts: dict[str, np.ndarray] = {}
         for op in walk(block):
-            if op.type == "const" or op.type.startswith("constexpr_"):
-                for t, value in zip(op.outputs, self._execute(op, self._consts)):
-                    value.flags.writeable = False  # shared by every run: no op may edit it
-                    self._consts[t.name] = value
+            if op.type == "const":
+                value = op.attributes["val"]
+                if not _shape_matches(value.shape, op.outputs[0].shape):
+                    raise BundleError(f"{self.path}: const {op.name!r} has shape "
+                                      f"{list(value.shape)}, the program declares "
+                                      f"{_shape_text(op.outputs[0].shape)}")
+                dtype = op.outputs[0].dtype
+                if value.dtype != dtype and value.dtype != object:
+                    value = value.astype(dtype)
+                value.flags.writeable = False  # shared by every run: no op may edit it
+                consts[op.name] = _plain(value)
+                op.attributes = {k: v for k, v in op.attributes.items() if k != "val"}
+            elif op.type.startswith("constexpr_"):
+                step = _Step(op)
+                step.finish = _finishes(op, exact=False)
+                args = {k: _plain(v) for k, v in op.attributes.items() if k != "name"}
+                for k, v in op.inputs.items():
+                    args[k] = _resolve_const(consts, v, self.path)
+                with np.errstate(all="ignore"):
+                    values = self._call(step, args)
+                consts.update((name, _shadow(value)) for name, value in zip(step.names, values))
+        return consts
 
-    def _plan_frees(self, block: Block, keep: set[str]) -> None:
-        """For each op of `block`, the names it defined or read that nobody reads later."""
+    def _plan_block(self, block: Block, consts: dict, keep: set[str]) -> list[_Step]:
+        """Steps for the ops of `block`. An op that reads constants only is folded into one."""
+        ops, steps = [], []
+        for op in block.operations:
+            if op.type == "const" or op.type.startswith("constexpr_"):
+                continue
+            step = self._plan_op(op, consts, keep)
+            if not (step.reads or step.lists or step.branches) and self._fold(step, consts):
+                continue
+            ops.append(op)
+            steps.append(step)
         local = {t.name for t in block.inputs}
-        local.update(t.name for op in block.operations for t in op.outputs)
+        local.update(name for step in steps for name in step.names)
         last: dict[str, int] = {}
-        for i, op in enumerate(block.operations):
+        for i, op in enumerate(ops):
             for name in _reads(op):
                 last[name] = i
             for t in op.outputs:
                 last.setdefault(t.name, i)  # never read: free right after it is made
-            for inner in op.blocks:
-                self._plan_frees(inner, keep=keep | set(inner.outputs))
-        frees: list[list[str]] = [[] for _ in block.operations]
+        dead: list[list[str]] = [[] for _ in steps]
         for name, i in last.items():
-            if name in local and name not in keep and name not in self._consts:
-                frees[i].append(name)
-        self._frees[id(block)] = frees
+            if name in local and name not in keep:
+                dead[i].append(name)
+        for step, names in zip(steps, dead):
+            step.dead = tuple(names)
+        return steps
+
+    def _fold(self, step: _Step, consts: dict) -> bool:
+        """Run `step` now and keep its results as constants, unless it fails (it may sit in a
+        branch that never runs: then it fails at run time, if ever)."""
+        try:
+            with np.errstate(all="ignore"):
+                values = self._call(step, step.static.copy())
+        except ApplecError:
+            return False
+        for name, value in zip(step.names, values):
+            consts[name] = _shadow(value)
+        return True
+
+    def _plan_op(self, op: Operation, consts: dict, keep: set[str]) -> _Step:
+        step = _Step(op)
+        step.static = {k: _shadow(_plain(v)) for k, v in op.attributes.items() if k != "name"}
+
+        def variable(arg) -> bool:
+            return isinstance(arg, str) and arg not in consts
+
+        reads, lists = [], []
+        for param, arg in op.inputs.items():
+            if isinstance(arg, list):
+                items = tuple((a, None) if variable(a) else (None, self._constant(a, consts))
+                              for a in arg)
+                if all(name is None for name, _ in items):
+                    step.static[param] = [value for _, value in items]
+                else:
+                    lists.append((param, items))
+            elif variable(arg):
+                reads.append((param, arg))
+            else:
+                transposed = param in TRANSPOSED.get(op.type, ())
+                step.static[param] = self._constant(arg, consts, transposed)
+        step.reads, step.lists = tuple(reads), tuple(lists)
+        step.finish = _finishes(op, exact=op.type in KEEPS_FP16 and self._holds_fp16(op))
+        for inner in op.blocks:
+            inner_keep = keep | set(inner.outputs)
+            step.branches += ((self._plan_block(inner, consts, inner_keep), inner.outputs),)
+        return step
+
+    @staticmethod
+    def _constant(arg, consts: dict, transposed: bool = False):
+        """A constant argument as steps hold it (see `_shadow`). A named constant is
+        converted once, by its first reader, and shared by the others."""
+        if not isinstance(arg, str):
+            return _shadow(_plain(arg))
+        value = consts[arg]
+        held = _shadow(_plain(value), transposed)
+        if held is not value:
+            consts[arg] = held
+        return held
+
+    def _holds_fp16(self, op: Operation) -> bool:
+        """Whether every floating-point input of `op` is a variable declared fp16."""
+        for arg in op.inputs.values():
+            for item in arg if isinstance(arg, list) else [arg]:
+                if isinstance(item, np.ndarray) and item.dtype.kind == "f":
+                    return False  # an immediate: not known to hold fp16 values
+                dtype = self._dtypes.get(item, "") if isinstance(item, str) else ""
+                if dtype.startswith(("fp", "bf")) and dtype != "fp16":
+                    return False
+        return True
 
     # ---- running --------------------------------------------------------------------------
 
@@ -106,59 +244,82 @@ class ReferenceProgram:
                                  f"expected {_shape_text(t.shape)}")
         return feeds
 
-    def _run_block(self, block: Block, env: dict) -> list:
-        frees = self._frees[id(block)]
-        for op, dead in zip(block.operations, frees):
-            if op.type == "const" or op.type.startswith("constexpr_"):
-                continue  # folded at load time
-            values = self._run_cond(op, env) if op.type == "cond" else self._execute(op, env)
-            env.update(zip((t.name for t in op.outputs), values))
-            for name in dead:
+    def _run_steps(self, steps: list[_Step], env: dict) -> None:
+        for step in steps:
+            if step.branches:
+                values = self._run_cond(step, env)
+            else:
+                args = step.static.copy()
+                try:
+                    for param, name in step.reads:
+                        args[param] = env[name]
+                    for param, items in step.lists:
+                        args[param] = [value if name is None else env[name]
+                                       for name, value in items]
+                except KeyError as e:
+                    raise BundleError(f"{self.path}: variable {e.args[0]!r} is read before it "
+                                      "is defined") from None
+                values = self._call(step, args)
+            for name, value in zip(step.names, values):
+                env[name] = value
+            for name in step.dead:
                 env.pop(name, None)
-        return [self._lookup(env, name) for name in block.outputs]
 
-    def _run_cond(self, op: Operation, env: dict) -> list[np.ndarray]:
-        pred = bool(np.asarray(self._lookup(env, op.inputs["pred"])).item())
-        branch = op.blocks[0] if pred else op.blocks[1]
-        values = self._run_block(branch, env)
-        for name in branch.outputs:  # the branch's results now live on as the cond's outputs
-            if any(name == t.name for inner in branch.operations for t in inner.outputs):
+    def _run_cond(self, step: _Step, env: dict) -> list[np.ndarray]:
+        pred = step.static.get("pred")
+        if pred is None:
+            pred = self._lookup(env, step.op.inputs["pred"])
+        steps, outputs = step.branches[0] if bool(np.asarray(pred).item()) else step.branches[1]
+        self._run_steps(steps, env)
+        values = [self._lookup(env, name) for name in outputs]
+        for name in outputs:  # the branch's results now live on as the cond's outputs
+            if any(name in inner.names for inner in steps):
                 env.pop(name, None)
-        return [self._cast(op, t, v) for t, v in zip(op.outputs, values)]
+        return [self._finish(step, i, kind, value)  # cond is FP16_ROUND: never in place
+                for i, ((kind, *_), value) in enumerate(zip(step.finish, values))]
 
-    def _execute(self, op: Operation, env: dict) -> list[np.ndarray]:
-        """Run one op through its numpy reference; results are cast to the declared dtypes."""
-        args = {k: _plain(v) for k, v in op.attributes.items() if k != "name"}
-        args.update((k, self._resolve(env, v)) for k, v in op.inputs.items())
+    def _call(self, step: _Step, args: dict) -> list[np.ndarray]:
+        """Run one op through its numpy reference and finish its results."""
+        op = step.op
+        fn = MIL_OPS[op.type]
         try:
-            with np.errstate(all="ignore"):  # IEEE results (inf, NaN), as on the device
-                result = MIL_OPS[op.type](args, op.outputs)
+            result = fn(args, op.outputs)
         except ApplecError:
             raise
         except Exception as e:  # a numpy failure inside an op: say which op
             raise BundleError(f"{self.path}: op {op.name!r} ({op.type}) failed: {e}") from e
         results = list(result) if isinstance(result, (tuple, list)) else [result]
-        if len(results) != len(op.outputs):
+        if len(results) != len(step.finish):
             raise BundleError(f"{self.path}: op {op.name!r} ({op.type}) made {len(results)} "
                               f"outputs, the program declares {len(op.outputs)}")
-        return [self._cast(op, t, v) for t, v in zip(op.outputs, results)]
+        if len(results) == 1:
+            value, kind = results[0], step.finish[0][0]
+            if kind == FP16_ROUND and isinstance(value, np.ndarray) and value.flags.owndata \
+                    and value.flags.writeable and not any(value is v for v in args.values()):
+                kind = FP16_ROUND_IN_PLACE  # a fresh array only this op holds
+            return [self._finish(step, 0, kind, value)]
+        return [self._finish(step, i, f[0], value)
+                for i, (f, value) in enumerate(zip(step.finish, results))]
 
-    def _cast(self, op: Operation, t: TensorInfo, value) -> np.ndarray:
+    def _finish(self, step: _Step, index: int, kind: int, value) -> np.ndarray:
+        """Result `index` of `step` in the dtype the executor holds it in, shape checked."""
+        _, dtype, shape, known = step.finish[index]
         value = np.asarray(value)
-        if value.dtype != object:
-            value = value.astype(t.dtype, copy=False)
-        if not _shape_matches(value.shape, t.shape):
-            raise BundleError(f"{self.path}: op {op.name!r} ({op.type}) made {t.name!r} with "
-                              f"shape {list(value.shape)}, the program declares "
-                              f"{_shape_text(t.shape)}")
-        return value
-
-    def _resolve(self, env: dict, arg):
-        if isinstance(arg, list):
-            return [self._resolve(env, a) for a in arg]
-        if isinstance(arg, str):
-            return _plain(self._lookup(env, arg))
-        return _plain(arg)
+        vdtype = value.dtype
+        if kind == KEEP:
+            if vdtype != dtype and vdtype.kind != "O":
+                value = value.astype(dtype)
+        elif vdtype == F32:
+            if kind != FP16_EXACT:
+                value = round_to_fp16(value, in_place=kind == FP16_ROUND_IN_PLACE)
+        else:  # fp16 made by the op (exact in fp32), or another dtype: round it as numpy does
+            value = (value if vdtype == F16 else value.astype(F16)).astype(F32)
+        if (value.shape != shape) if known else not _shape_matches(value.shape, shape):
+            op = step.op
+            raise BundleError(f"{self.path}: op {op.name!r} ({op.type}) made "
+                              f"{op.outputs[index].name!r} with shape {list(value.shape)}, the "
+                              f"program declares {_shape_text(shape)}")
+        return _plain(value) if vdtype.kind == "O" else value
 
     def _lookup(self, env: dict, name: str):
         if name in env:
@@ -166,6 +327,87 @@ class ReferenceProgram:
         if name in self._consts:
             return self._consts[name]
         raise BundleError(f"{self.path}: variable {name!r} is read before it is defined")
+
+
+# ---- fp16 rounding ---------------------------------------------------------------------------
+
+_SIGN, _EXPONENT = np.uint32(0x80000000), np.uint32(0x7F800000)
+_FP16_MIN_NORMAL, _FP16_TOP = np.uint32(0x38800000), np.uint32(0x47000000)  # 2**-14, 2**15
+_FP16_SHIFT = np.uint32(13 << 23)  # fp32 has 13 more mantissa bits than fp16
+_ROUND_BLOCK = 1 << 17  # elements per pass: the temporaries stay in cache
+
+
+def round_to_fp16(x: np.ndarray, in_place: bool = False) -> np.ndarray:
+    """float32 `x` rounded to the nearest fp16 value (ties to even, overflow to inf), as
+    float32: bit for bit `x.astype(float16).astype(float32)`, without numpy's slow scalar
+    fp16 conversion. `in_place` overwrites `x`, which the caller must own.
+
+    For |x| in [2**e, 2**(e+1)), adding and then subtracting M = sign(x) * 2**(e+13) leaves x
+    rounded to a multiple of 2**(e-10), fp16's spacing there, by the fp32 adder's own
+    round-to-nearest-even. Below 2**-14 fp16's spacing stays 2**-24, so M stays 2**-1.
+    Checked against numpy on all 2**32 float32 bit patterns."""
+    if x.size < 4096:
+        return x.astype(F16).astype(F32)
+    if not x.flags.c_contiguous:
+        x, in_place = np.ascontiguousarray(x), True
+    out = x if in_place else np.empty_like(x)
+    flat_x, flat_out = x.reshape(-1), out.reshape(-1)
+    size = flat_x.size
+    sign = np.empty(min(size, _ROUND_BLOCK), np.uint32)
+    magic = np.empty_like(sign)
+    for start in range(0, size, _ROUND_BLOCK):
+        xs, ys = flat_x[start:start + _ROUND_BLOCK], flat_out[start:start + _ROUND_BLOCK]
+        s, m = sign[:xs.size], magic[:xs.size]
+        bits = xs.view(np.uint32)
+        np.bitwise_and(bits, _SIGN, out=s)
+        np.bitwise_and(bits, _EXPONENT, out=m)
+        top = m.max() >= _FP16_TOP  # fp16 overflow, inf or NaN somewhere in this block
+        np.clip(m, _FP16_MIN_NORMAL, _FP16_TOP, out=m)
+        m += _FP16_SHIFT
+        m |= s
+        mf = m.view(np.float32)
+        np.add(xs, mf, out=ys)
+        ys -= mf
+        ys.view(np.uint32)[...] |= s  # x - M + M is +0 where fp16 has -0
+        if top:
+            over = np.abs(ys) > 65504
+            ys[over] = np.copysign(np.float32(np.inf), ys[over])
+    return out
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+def _finishes(op: Operation, exact: bool) -> tuple:
+    """(kind, dtype held, declared shape, shape fully known) for each output of `op`."""
+    return tuple((KEEP if t.dtype != F16 else FP16_EXACT if exact else FP16_ROUND,
+                  t.dtype if t.dtype != F16 else F32, t.shape, None not in t.shape)
+                 for t in op.outputs)
+
+
+def _shadow(value, transposed: bool = False):
+    """A constant as the executor holds it: fp16 as fp32 (exact), read-only; `transposed`:
+    a 2-D array stored in Fortran order (same shape and values), for ops that multiply by
+    its transpose. An fp16 array is converted and transposed in the same copy."""
+    if isinstance(value, list):
+        return [_shadow(v) for v in value]
+    if isinstance(value, np.ndarray):
+        dtype = F32 if value.dtype == F16 else value.dtype
+        if transposed and value.ndim == 2 and not value.T.flags.c_contiguous:
+            value = np.asarray(value.T, dtype=dtype, order="C").T
+        elif dtype != value.dtype:
+            value = value.astype(dtype)
+        value.flags.writeable = False
+    return value
+
+
+def _resolve_const(consts: dict, arg, path: str):
+    if isinstance(arg, list):
+        return [_resolve_const(consts, a, path) for a in arg]
+    if isinstance(arg, str):
+        if arg not in consts:
+            raise BundleError(f"{path}: variable {arg!r} is read before it is defined")
+        return _plain(consts[arg])
+    return _plain(arg)
 
 
 def _reads(op: Operation) -> set[str]:

@@ -5,10 +5,14 @@ Every entry has the signature `fn(a, outs) -> array | tuple[array, ...]`, where 
 parameter names to values (absent optional parameters are simply missing; scalars are 0-d
 arrays, strings are `str`) and `outs` lists the declared outputs (`.dtype`, `.shape`).
 
-fp16 semantics: the registry hands every fp16 array to the op as fp32 (`upcast=True`, the
-default), and the executor casts each result to the dtype the program declares. So an
-op on fp16 data is computed in fp32 and rounded to fp16 once, per op -- as the hardware
-does. Pure data-movement ops register with `upcast=False`: they never change values.
+fp16 semantics: ops never see fp16. The executor holds every fp16 value as the float32
+number it equals, so an op on fp16 data computes in fp32, and the executor rounds each
+result the program declares fp16 to fp16 values, once per op -- as the hardware does. An op
+may therefore return float32 for an fp16 output (`cast` does). Ops whose results are values
+of their inputs (data movement, maximum, clip, ...) register with `keeps_fp16=True`: on fp16
+inputs their results are fp16 values already, and the executor does not round them again.
+
+Speed: ops write into arrays they made themselves, never into their inputs.
 
 This module is longer than the house ~600 lines because it is the one op table.
 """
@@ -19,10 +23,14 @@ import math
 from collections.abc import Callable
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
+from numpy.lib.stride_tricks import as_strided
 from scipy.special import erf as _erf
 
 MIL_OPS: dict[str, Callable] = {}
+KEEPS_FP16: set[str] = set()  # ops whose results are values of their inputs
+# op type -> constant 2-D parameters the op multiplies by transposed: the executor stores
+# them in Fortran order (same shape, same values), so that their transpose is C-contiguous.
+TRANSPOSED: dict[str, tuple[str, ...]] = {"linear": ("weight",)}
 
 # Every op type the CoreML lowering may emit today (targets/coreml); a test keeps this list
 # and MIL_OPS in step.
@@ -44,44 +52,39 @@ EMITTED_BY_LOWERING = (
 )
 
 
-def mil_op(*names: str, upcast: bool = True):
+def mil_op(*names: str, keeps_fp16: bool = False):
     """Register the decorated function as the reference for the MIL op types `names`."""
 
     def register(fn):
-        entry = _fp16_as_fp32(fn) if upcast else fn
         for name in names:
-            MIL_OPS[name] = entry
+            MIL_OPS[name] = fn
+            if keeps_fp16:
+                KEEPS_FP16.add(name)
         return fn
 
     return register
 
 
-def _fp16_as_fp32(fn):
-    def upcast(v):
-        if isinstance(v, np.ndarray) and v.dtype == np.float16:
-            return v.astype(np.float32)
-        return [upcast(i) for i in v] if isinstance(v, list) else v
-
-    def wrapped(a, outs):
-        return fn({k: upcast(v) for k, v in a.items()}, outs)
-
-    wrapped.__name__ = fn.__name__
-    wrapped.__doc__ = fn.__doc__
-    return wrapped
-
-
 # ---- parameter helpers -------------------------------------------------------------------
 
+def _item(v):
+    """A scalar parameter as a Python number (`.item()` is the fast path for arrays)."""
+    return v.item() if isinstance(v, (np.ndarray, np.generic)) else np.asarray(v).item()
+
+
 def _int(a, key, default=None):
-    return default if a.get(key) is None else int(np.asarray(a[key]).item())
+    v = a.get(key)
+    return default if v is None else int(_item(v))
 
 
 def _float(a, key, default=None):
-    return default if a.get(key) is None else float(np.asarray(a[key]).item())
+    v = a.get(key)
+    return default if v is None else float(_item(v))
 
 
 def _bool(a, key, default=False):
-    return default if a.get(key) is None else bool(np.asarray(a[key]).item())
+    v = a.get(key)
+    return default if v is None else bool(_item(v))
 
 
 def _str(a, key, default=None):
@@ -89,11 +92,17 @@ def _str(a, key, default=None):
 
 
 def _ints(a, key, default=None):
-    return default if a.get(key) is None else [int(v) for v in np.ravel(a[key])]
+    v = a.get(key)
+    if v is None:
+        return default
+    if isinstance(v, np.ndarray) and v.dtype.kind in "iu":
+        return v.ravel().tolist()
+    return [int(i) for i in np.ravel(v)]
 
 
 def _axes(a, key="axes"):
-    return None if a.get(key) is None else tuple(int(v) for v in np.ravel(a[key]))
+    v = _ints(a, key)
+    return None if v is None else tuple(v)
 
 
 def _param(a, key, default, like):
@@ -103,19 +112,56 @@ def _param(a, key, default, like):
 
 # ---- elementwise ---------------------------------------------------------------------------
 
+def _fresh(x):
+    """An uninitialised float array shaped like `x` (0-d too), for ufuncs' `out=`."""
+    return np.empty(np.shape(x), x.dtype if x.dtype.kind == "f" else np.float64)
+
+
+def _blockwise(f, x, block=1 << 16):
+    """Elementwise `f(x)` a block at a time, so the temporaries of its many passes stay in
+    cache; the same numbers as one call."""
+    if x.ndim == 0:
+        return f(x.reshape(1)).reshape(())
+    if x.size <= block or not x.flags.c_contiguous:
+        return f(x)
+    out = np.empty_like(x)
+    flat_x, flat_out = x.reshape(-1), out.reshape(-1)
+    for start in range(0, flat_x.size, block):
+        flat_out[start:start + block] = f(flat_x[start:start + block])
+    return out
+
+
 def _sigmoid(x):
-    e = np.exp(-np.abs(x))  # never overflows, and keeps precision for very negative x
-    return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
+    """1 / (1 + e) for x >= 0 and e / (1 + e) below, e = exp(-|x|): never overflows, and
+    keeps precision for very negative x. The numerator, 1 or e, is exp(min(x, 0))."""
+    den = np.abs(x, out=_fresh(x))
+    np.negative(den, out=den)
+    np.exp(den, out=den)
+    den += 1
+    num = np.clip(x, -np.inf, 0, out=_fresh(x))  # clip with both bounds has numpy's fast path
+    np.exp(num, out=num)
+    num /= den
+    return num
+
+
+def _relu(x):
+    return np.clip(x, 0, np.inf)  # max(x, 0), NaN kept; numpy's clip is the fast maximum
+
+
+def _silu(x):
+    y = _sigmoid(x)
+    y *= x
+    return y
 
 
 _UNARY = {
-    "identity": lambda x: x, "relu": lambda x: np.maximum(x, 0),
+    "identity": lambda x: x, "relu": _relu,
     "relu6": lambda x: np.clip(x, 0, 6), "sigmoid": _sigmoid, "tanh": np.tanh,
     "erf": lambda x: _erf(x), "sqrt": np.sqrt, "exp": np.exp, "exp2": np.exp2, "abs": np.abs,
     "floor": np.floor, "ceil": np.ceil, "round": np.round, "sign": np.sign, "sin": np.sin,
     "cos": np.cos, "tan": np.tan, "asin": np.arcsin, "acos": np.arccos, "atan": np.arctan,
     "sinh": np.sinh, "cosh": np.cosh, "atanh": np.arctanh, "square": np.square,
-    "logical_not": np.logical_not, "silu": lambda x: x * _sigmoid(x),
+    "logical_not": np.logical_not, "silu": _silu,
     "softplus": lambda x: np.logaddexp(x, 0),
 }
 _BINARY = {
@@ -127,6 +173,12 @@ _BINARY = {
 }
 
 
+# Results are input values or small integers (exact in fp16); comparisons make bools.
+_PICKS_VALUES = {"identity", "relu", "relu6", "abs", "floor", "ceil", "round", "sign",
+                 "maximum", "minimum", "equal", "not_equal", "less", "less_equal", "greater",
+                 "greater_equal", "logical_and", "logical_or", "logical_xor", "logical_not"}
+
+
 def _unary_op(f):
     return lambda a, outs: f(a["x"])
 
@@ -136,9 +188,9 @@ def _binary_op(f):
 
 
 for _name, _f in _UNARY.items():
-    mil_op(_name, upcast=_name != "identity")(_unary_op(_f))
+    mil_op(_name, keeps_fp16=_name in _PICKS_VALUES)(_unary_op(_f))
 for _name, _f in _BINARY.items():
-    mil_op(_name)(_binary_op(_f))
+    mil_op(_name, keeps_fp16=_name in _PICKS_VALUES)(_binary_op(_f))
 
 
 @mil_op("pow")
@@ -149,17 +201,22 @@ def pow_(a, outs):
     return np.power(x, y)
 
 
-@mil_op("cast", upcast=False)
+@mil_op("cast")
 def cast(a, outs):
-    return a["x"].astype(outs[0].dtype)
+    x, dtype = a["x"], outs[0].dtype
+    if dtype == np.float16 and (x.dtype == np.float32 or x.dtype.kind in "iub"):
+        # The executor rounds fp16 results (fast, and as astype would): hand it float32.
+        # Integers go through float32 exactly up to 2**24, and from 65520 up both give inf.
+        return x.astype(np.float32, copy=False)
+    return x.astype(dtype, copy=False)
 
 
-@mil_op("const", upcast=False)
+@mil_op("const", keeps_fp16=True)
 def const(a, outs):
     return a["val"]
 
 
-@mil_op("select")
+@mil_op("select", keeps_fp16=True)
 def select(a, outs):
     return np.where(a["cond"], a["a"], a["b"])
 
@@ -179,9 +236,14 @@ def inverse(a, outs):
     return 1 / (a["x"] + _param(a, "epsilon", 1e-4, a["x"]))
 
 
-@mil_op("clip")
+@mil_op("clip", keeps_fp16=True)
 def clip(a, outs):
-    return np.minimum(np.maximum(a["x"], a["alpha"]), a["beta"])
+    return np.clip(a["x"], _scalar(a["alpha"]), _scalar(a["beta"]))  # min(max(x, alpha), beta)
+
+
+def _scalar(v):
+    """A 0-d bound as a Python number (same value), so numpy takes its fast scalar path."""
+    return v.item() if isinstance(v, np.ndarray) and v.ndim == 0 and v.dtype.kind == "f" else v
 
 
 @mil_op("sigmoid_hard")
@@ -191,8 +253,10 @@ def sigmoid_hard(a, outs):
 
 @mil_op("leaky_relu")
 def leaky_relu(a, outs):
-    x = a["x"]
-    return np.where(x >= 0, x, a["alpha"] * x)
+    x, alpha = a["x"], a["alpha"]
+    if np.ndim(alpha) == 0 and 0 <= alpha <= 1:
+        return np.maximum(x, alpha * x)  # the same, without np.where's slow select
+    return np.where(x >= 0, x, alpha * x)
 
 
 @mil_op("elu")
@@ -211,20 +275,86 @@ def prelu(a, outs):
 @mil_op("gelu")
 def gelu(a, outs):
     x, mode = a["x"], _str(a, "mode", "EXACT")
-    if mode == "TANH_APPROXIMATION":
-        return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
-    if mode == "SIGMOID_APPROXIMATION":
-        return x * _sigmoid(1.702 * x)
-    if mode != "EXACT":
+    if mode not in _GELU:
         raise ValueError(f"unknown gelu mode {mode!r}")
-    return 0.5 * x * (1 + _erf(x / math.sqrt(2)))
+    return _blockwise(_GELU[mode], x)
+
+
+def _gelu_tanh(x):
+    """0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), in place on one temporary."""
+    y = np.multiply(x, x, out=_fresh(x))
+    y *= x  # x * x * x: numpy's x**3 is a slow pow()
+    y *= 0.044715
+    y += x
+    y *= math.sqrt(2 / math.pi)
+    np.tanh(y, out=y)
+    y += 1
+    y *= x
+    y *= 0.5
+    return y
+
+
+def _gelu_exact(x):
+    """0.5 x (1 + erf(x / sqrt(2)))."""
+    y = _one_plus_erf(np.divide(x, math.sqrt(2), out=_fresh(x)))
+    y *= x
+    y *= 0.5
+    return y
+
+
+def _gelu_sigmoid(x):
+    y = _sigmoid(np.multiply(x, 1.702, out=_fresh(x)))
+    y *= x
+    return y
+
+
+_GELU = {"EXACT": _gelu_exact, "TANH_APPROXIMATION": _gelu_tanh,
+         "SIGMOID_APPROXIMATION": _gelu_sigmoid}
+
+# erfc(z) = t exp(-z^2 + P(t)), t = 1 / (1 + z / 2), z >= 0: Numerical Recipes' Chebyshev
+# fit (`erfcc`), relative error < 1.2e-7 for every z.
+_ERFC_P = (0.17087277, -0.82215223, 1.48851587, -1.13520398, 0.27886807, -0.18628806,
+           0.09678418, 0.37409196, 1.00002368, -1.26551223)
+
+
+def _one_plus_erf(z):
+    """1 + erf(z), overwriting `z`. In float32, as erfc(-z): relative error ~1e-7 everywhere,
+    the negative tail included, where 1 + erf(z) in float32 would lose digits (and scipy's
+    erf costs ~20 ns per element)."""
+    if z.dtype != np.float32:
+        return np.add(_erf(z), 1, out=z)
+    upper = z >= 0
+    t = np.abs(z)
+    t *= 0.5
+    t += 1
+    np.reciprocal(t, out=t)
+    p = np.multiply(t, _ERFC_P[0])
+    for c in _ERFC_P[1:-1]:
+        p += c
+        p *= t
+    p += _ERFC_P[-1]
+    np.square(z, out=z)
+    p -= z
+    np.exp(p, out=p)
+    p *= t  # erfc(|z|): that is 1 + erf(z) for z < 0, and 2 minus it for z >= 0
+    np.subtract(1, p, out=t)
+    t *= 2
+    t *= upper
+    p += t
+    return p
 
 
 @mil_op("softmax")
 def softmax(a, outs):
     x, axis = a["x"], _int(a, "axis", -1)
-    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
-    return e / np.sum(e, axis=axis, keepdims=True)
+    return _softmax_in_place(np.subtract(x, np.max(x, axis=axis, keepdims=True)), axis)
+
+
+def _softmax_in_place(e, axis):
+    """softmax of `e` (whose maximum along `axis` is already subtracted), overwriting it."""
+    np.exp(e, out=e)
+    e /= np.sum(e, axis=axis, keepdims=True)
+    return e
 
 
 # ---- reductions ----------------------------------------------------------------------------
@@ -235,6 +365,7 @@ def _log_sum_exp(x, axis, keepdims):
     return s if keepdims else np.squeeze(s, axis=axis)
 
 
+_PICKS_VALUES |= {"reduce_max", "reduce_min"}
 _REDUCTIONS = {
     "reduce_mean": np.mean, "reduce_sum": np.sum, "reduce_max": np.max, "reduce_min": np.min,
     "reduce_prod": np.prod, "reduce_log_sum_exp": _log_sum_exp,
@@ -256,7 +387,7 @@ def _reduce_op(f):
 
 
 for _name, _f in _REDUCTIONS.items():
-    mil_op(_name)(_reduce_op(_f))
+    mil_op(_name, keeps_fp16=_name in _PICKS_VALUES)(_reduce_op(_f))
 
 
 @mil_op("reduce_argmax")
@@ -278,22 +409,40 @@ def matmul(a, outs):
         x = np.swapaxes(x, -1, -2)
     if _bool(a, "transpose_y") and y.ndim > 1:
         y = np.swapaxes(y, -1, -2)
+    if x.ndim > 2 and y.ndim == 2:  # one BLAS call over every row of x
+        return np.matmul(x.reshape(-1, x.shape[-1]), y).reshape(x.shape[:-1] + y.shape[-1:])
     return np.matmul(x, y)
 
 
 @mil_op("linear")
 def linear(a, outs):
-    y = np.matmul(a["x"], a["weight"].T)
-    return y if a.get("bias") is None else y + a["bias"]
+    x, w = a["x"], a["weight"]
+    x2 = x.reshape(-1, x.shape[-1]) if x.ndim > 2 else x  # one BLAS call over every row
+    if x2.ndim == 2 and x2.shape[0] < 100 and not w.T.flags.c_contiguous:
+        # Few rows and w in C order: BLAS runs faster on w x^T than on x w^T.
+        y = np.ascontiguousarray(np.matmul(w, x2.T).T)
+    else:
+        y = np.matmul(x2, w.T)
+    y = y.reshape(x.shape[:-1] + w.shape[:1])
+    return y if a.get("bias") is None else _into(np.add, y, a["bias"])
 
 
 def _per_channel(v, ndim):
     return None if v is None else np.reshape(v, (-1,) + (1,) * (ndim - 2))
 
 
+def _into(f, y, v):
+    """f(y, v), written over `y` (an array the op made itself) when the result fits in it."""
+    if isinstance(y, np.ndarray) and y.ndim and y.dtype == np.result_type(y, v) and \
+            np.broadcast_shapes(y.shape, np.shape(v)) == y.shape:
+        return f(y, v, out=y)
+    return f(y, v)
+
+
 def _scale_shift(y, gamma, beta):
-    y = y if gamma is None else y * gamma
-    return y if beta is None else y + beta
+    """y * gamma + beta, overwriting `y` (made by the caller)."""
+    y = y if gamma is None else _into(np.multiply, y, gamma)
+    return y if beta is None else _into(np.add, y, beta)
 
 
 def _channel_affine(y, a):
@@ -306,7 +455,8 @@ def _channel_affine(y, a):
 def batch_norm(a, outs):
     x, eps = a["x"], _float(a, "epsilon", 1e-5)
     mean, var = _per_channel(a["mean"], x.ndim), _per_channel(a["variance"], x.ndim)
-    y = (x - mean) / np.sqrt(var + eps)
+    y = np.subtract(x, mean)
+    y /= np.sqrt(var + eps)
     return _channel_affine(y, a)
 
 
@@ -314,17 +464,18 @@ def batch_norm(a, outs):
 def instance_norm(a, outs):
     x, eps = a["x"], _float(a, "epsilon", 1e-5)
     axes = tuple(range(2, x.ndim))
-    y = (x - x.mean(axis=axes, keepdims=True)) / np.sqrt(x.var(axis=axes, keepdims=True) + eps)
+    y = np.subtract(x, x.mean(axis=axes, keepdims=True))
+    y /= np.sqrt(x.var(axis=axes, keepdims=True) + eps)
     return _channel_affine(y, a)
 
 
 @mil_op("layer_norm")
 def layer_norm(a, outs):
     x, eps = a["x"], _float(a, "epsilon", 1e-5)
-    axes = sorted(ax % x.ndim for ax in (_axes(a) or range(x.ndim)))
+    axes = tuple(sorted(ax % x.ndim for ax in (_axes(a) or range(x.ndim))))
     param_shape = [x.shape[i] if i in axes else 1 for i in range(x.ndim)]
-    centred = x - x.mean(axis=tuple(axes), keepdims=True)
-    y = centred / np.sqrt(np.mean(np.square(centred), axis=tuple(axes), keepdims=True) + eps)
+    y = np.subtract(x, x.mean(axis=axes, keepdims=True))
+    y /= np.sqrt(np.mean(np.square(y), axis=axes, keepdims=True) + eps)
     gamma = None if a.get("gamma") is None else np.reshape(a["gamma"], param_shape)
     beta = None if a.get("beta") is None else np.reshape(a["beta"], param_shape)
     return _scale_shift(y, gamma, beta)
@@ -336,19 +487,57 @@ def local_response_norm(a, outs):
     alpha, beta, k = _float(a, "alpha", 1e-4), _float(a, "beta", 0.75), _float(a, "k", 1.0)
     # Channel c sums squares over [c - floor((size-1)/2), c + ceil((size-1)/2)].
     before, after = (size - 1) // 2, size - 1 - (size - 1) // 2
-    sq = np.pad(np.square(x), [(0, 0), (before, after)] + [(0, 0)] * (x.ndim - 2))
-    csum = np.cumsum(np.concatenate([np.zeros_like(sq[:, :1]), sq], axis=1), axis=1)
-    window = csum[:, size:] - csum[:, :-size]
-    return x / (k + alpha / size * window) ** beta
+    sq = _pad_constant(np.square(x), [(0, 0), (before, after)] + [(0, 0)] * (x.ndim - 2), 0)
+    window = sq[:, :x.shape[1]].copy()
+    for i in range(1, size):  # a few contiguous adds; a cumsum over channels is strided
+        window += sq[:, i:i + x.shape[1]]
+    window *= alpha / size
+    window += k
+    np.power(window, beta, out=window)
+    return np.divide(x, window, out=window)
 
 
 @mil_op("scaled_dot_product_attention")
 def scaled_dot_product_attention(a, outs):
     q, k, v, mask = a["query"], a["key"], a["value"], a.get("attn_mask")
-    scores = np.matmul(q, np.swapaxes(k, -1, -2)) / np.float32(math.sqrt(q.shape[-1]))
-    if mask is not None:
-        scores = np.where(mask, scores, -np.inf) if mask.dtype == bool else scores + mask
-    return np.matmul(softmax({"x": scores}, outs), v)
+    if mask is not None and mask.ndim < 2:
+        mask = mask.reshape((1,) * (2 - mask.ndim) + mask.shape)
+    batch = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2],
+                                () if mask is None else mask.shape[:-2])
+    rows, keys = q.shape[-2], k.shape[-2]
+    if math.prod(batch) * rows * keys <= 1 << 20:
+        return _attention(q, k, v, mask)
+    # Big score matrices go a block of query rows at a time, so that each block's softmax
+    # passes run in cache; every row is computed exactly as in one piece.
+    def flat(t):
+        return np.broadcast_to(t, batch + t.shape[-2:]).reshape((-1,) + t.shape[-2:])
+
+    q, k, v = flat(q), flat(k), flat(v)
+    mask = None if mask is None else flat(mask)
+    out = np.empty((q.shape[0], rows, v.shape[-1]), np.result_type(q, k, v))
+    step = max(1, (1 << 17) // keys)
+    for b in range(q.shape[0]):
+        for first in range(0, rows, step):
+            block = slice(first, first + step)
+            m = None if mask is None else mask[b, block] if mask.shape[1] == rows else mask[b]
+            out[b, block] = _attention(q[b, block], k[b], v[b], m)
+    return out.reshape(batch + out.shape[1:])
+
+
+def _attention(q, k, v, mask):
+    """softmax(q k^T / sqrt(d) + mask) v, with a boolean mask meaning "may attend"."""
+    scale = np.float32(math.sqrt(q.shape[-1]))
+    if math.frexp(scale)[0] == 0.5:  # a power of two: dividing q instead is exact, and smaller
+        scores = np.matmul(q / scale, np.swapaxes(k, -1, -2))
+    else:
+        scores = np.matmul(q, np.swapaxes(k, -1, -2))
+        scores /= scale
+    if mask is not None and mask.dtype == bool:
+        scores = np.where(mask, scores, -np.inf)
+    elif mask is not None:
+        scores = _into(np.add, scores, mask)
+    scores -= np.max(scores, axis=-1, keepdims=True)
+    return np.matmul(_softmax_in_place(scores, -1), v)
 
 
 # ---- convolution and pooling ------------------------------------------------------------------
@@ -373,11 +562,12 @@ def _spatial_pads(a, in_sizes, eff_kernel, strides):
 
 def _windows(x, kernel, strides, dilations):
     """View [N, C, *out, *kernel] of every window of the (already padded) x."""
-    nd = len(kernel)
-    eff = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
-    win = sliding_window_view(x, eff, axis=tuple(range(2, 2 + nd)))
-    return win[(slice(None),) * 2 + tuple(slice(None, None, s) for s in strides)
-               + tuple(slice(None, None, d) for d in dilations)]
+    out = [(n - (k - 1) * d - 1) // s + 1 for n, k, s, d in zip(x.shape[2:], kernel, strides,
+                                                                  dilations)]
+    steps = x.strides[2:]
+    return as_strided(x, x.shape[:2] + tuple(out) + tuple(kernel),
+                      x.strides[:2] + tuple(t * s for t, s in zip(steps, strides))
+                      + tuple(t * d for t, d in zip(steps, dilations)), writeable=False)
 
 
 def _taps(x, kernel, out_sizes, strides, dilations):
@@ -392,7 +582,19 @@ def _taps(x, kernel, out_sizes, strides, dilations):
 
 
 def _pad_spatial(x, pads, value=0.0):
-    return np.pad(x, [(0, 0), (0, 0)] + [tuple(p) for p in pads], constant_values=value)
+    return _pad_constant(x, [(0, 0), (0, 0)] + [tuple(p) for p in pads], value)
+
+
+def _pad_constant(x, pairs, value):
+    """np.pad(x, pairs, constant_values=value) as one fill and one copy; x itself if no pad."""
+    if not any(b or e for b, e in pairs):
+        return x
+    if any(b < 0 or e < 0 for b, e in pairs):
+        return np.pad(x, pairs, constant_values=value)
+    shape = tuple(n + b + e for n, (b, e) in zip(x.shape, pairs))
+    out = np.zeros(shape, x.dtype) if value == 0 else np.full(shape, value, x.dtype)
+    out[tuple(slice(b, b + n) for n, (b, _) in zip(x.shape, pairs))] = x
+    return out
 
 
 @mil_op("conv")
@@ -402,35 +604,45 @@ def conv(a, outs):
     strides, dil = _ints(a, "strides", [1] * nd), _ints(a, "dilations", [1] * nd)
     eff = [(k - 1) * d + 1 for k, d in zip(w.shape[2:], dil)]
     xp = _pad_spatial(x, _spatial_pads(a, x.shape[2:], eff, strides))
-    if groups > 1 and groups == x.shape[1]:
-        y = _depthwise(xp, w, strides, dil, eff)
+    y = _conv_matmul(xp, w, groups, strides, dil)
+    return y if a.get("bias") is None else _into(np.add, y, _per_channel(a["bias"], y.ndim))
+
+
+def _conv_matmul(xp, w, groups, strides, dilations, budget=1 << 19):
+    """Convolution of the padded `xp` as matmuls, NCHW throughout: weights [G, M/G, C/G * K]
+    times the im2col matrix [N, G, C/G * K, P] is [N, G, M/G, P], already the output's
+    layout. Each im2col row (one channel and kernel tap, every output position) is copied
+    from a window view in long runs; a 1x1 kernel needs no copy at all. A big im2col matrix
+    is made a block at a time (of groups, else of output rows), about `budget` elements, so
+    that it stays in cache: depthwise convolutions are then small matmuls on cached data."""
+    n, c, nd = xp.shape[0], xp.shape[1], w.ndim - 2
+    m, kernel = w.shape[0], w.shape[2:]
+    pointwise = all(k == 1 for k in kernel)
+    if pointwise:
+        cols = xp[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)]
+        out_sizes = cols.shape[2:]
     else:
-        y = _im2col_matmul(_windows(xp, w.shape[2:], strides, dil), w, groups)
-    return y if a.get("bias") is None else y + _per_channel(a["bias"], y.ndim)
-
-
-def _im2col_matmul(win, w, groups):
-    """Convolution as one batched matmul over the window view `win` [N, C, *O, *K]."""
-    n, c, nd = win.shape[0], win.shape[1], w.ndim - 2
-    out_sizes = win.shape[2:2 + nd]
-    cg, m = c // groups, w.shape[0]
-    win = win.reshape((n, groups, cg) + win.shape[2:])
-    perm = (0, 1) + tuple(range(3, 3 + nd)) + (2,) + tuple(range(3 + nd, 3 + 2 * nd))
-    cols = win.transpose(perm).reshape(n, groups, math.prod(out_sizes), -1)
-    wm = w.reshape(groups, m // groups, -1).transpose(0, 2, 1)
-    y = np.matmul(cols, wm)  # [N, G, P, M/G]
-    return y.transpose(0, 1, 3, 2).reshape((n, m) + tuple(out_sizes))
-
-
-def _depthwise(xp, w, strides, dil, eff):
-    """One input channel per group: a multiply-add per kernel tap beats tiny matmuls."""
-    mult = w.shape[0] // xp.shape[1]  # channel multiplier
-    xp = np.repeat(xp, mult, axis=1) if mult > 1 else xp
-    out = [(n - e) // s + 1 for n, e, s in zip(xp.shape[2:], eff, strides)]
-    y = np.zeros(xp.shape[:2] + tuple(out), np.result_type(xp, w))
-    for offset, view in _taps(xp, w.shape[2:], out, strides, dil):
-        y += view * w[(slice(None), 0) + offset].reshape((-1,) + (1,) * len(out))
-    return y
+        cols = _windows(xp, kernel, strides, dilations)  # [N, C, *O, *K] -> [N, C, *K, *O]
+        out_sizes = cols.shape[2:2 + nd]
+        cols = cols.transpose((0, 1) + tuple(range(2 + nd, 2 + 2 * nd)) + tuple(range(2, 2 + nd)))
+    rows, size = (c // groups) * math.prod(kernel), math.prod(out_sizes)
+    wm = w.reshape(groups, m // groups, rows)
+    y = np.empty((n, groups, m // groups, size), np.result_type(xp, w))
+    if groups > 1:
+        step = max(1, budget // (n * rows * size)) * (c // groups)  # input channels per block
+        for first in range(0, c, step):
+            block = cols[:, first:first + step].reshape(n, -1, rows, size)
+            g = first // (c // groups)
+            np.matmul(wm[g:g + block.shape[1]], block, out=y[:, g:g + block.shape[1]])
+        return y.reshape((n, m) + tuple(out_sizes))
+    per_row = size // out_sizes[0] if size else 1
+    step = out_sizes[0] if pointwise or n * rows * size <= 8 * budget else \
+        max(1, budget // (n * rows * per_row))
+    for first in range(0, out_sizes[0], step):
+        block = cols[(slice(None),) * (cols.ndim - nd) + (slice(first, first + step),)]
+        block = block.reshape(n, rows, -1)
+        np.matmul(wm[0], block, out=y[:, 0, :, first * per_row:first * per_row + block.shape[-1]])
+    return y.reshape((n, m) + tuple(out_sizes))
 
 
 @mil_op("conv_transpose")
@@ -494,15 +706,18 @@ def _pool_geometry(a, x):
 
 
 def _pool(x, kernel, strides, out, pads, combine, fill):
-    """Combine every window's taps; `pads` are (before, after) per spatial dim."""
-    acc = None
-    padded = _pad_spatial(x, pads, fill)
-    for _, view in _taps(padded, kernel, out, strides, [1] * len(kernel)):
-        acc = view.copy() if acc is None else combine(acc, view, out=acc)
+    """Combine every window's taps; `pads` are (before, after) per spatial dim. Separably,
+    one spatial axis after the other: k + k taps for a k x k window instead of k * k."""
+    acc = _pad_spatial(x, pads, fill)
+    for axis, (k, s, n) in enumerate(zip(kernel, strides, out), start=2):
+        src, acc = acc, None
+        for i in range(k):
+            view = src[(slice(None),) * axis + (slice(i, i + (n - 1) * s + 1, s),)]
+            acc = view.copy() if acc is None else combine(acc, view, out=acc)
     return acc
 
 
-@mil_op("max_pool")
+@mil_op("max_pool", keeps_fp16=True)
 def max_pool(a, outs):
     kernel, strides, out, pads, over = _pool_geometry(a, a["x"])
     pads = [(pb, pa + e) for (pb, pa), e in zip(pads, over)]
@@ -532,7 +747,7 @@ def avg_pool(a, outs):
 
 # ---- shape and data movement ----------------------------------------------------------------
 
-@mil_op("reshape", upcast=False)
+@mil_op("reshape", keeps_fp16=True)
 def reshape(a, outs):
     x, shape = a["x"], _ints(a, "shape")
     if 0 in shape and len(shape) == x.ndim:
@@ -540,42 +755,42 @@ def reshape(a, outs):
     return x.reshape(shape)
 
 
-@mil_op("transpose", upcast=False)
+@mil_op("transpose", keeps_fp16=True)
 def transpose(a, outs):
     return np.transpose(a["x"], _ints(a, "perm"))
 
 
-@mil_op("squeeze", upcast=False)
+@mil_op("squeeze", keeps_fp16=True)
 def squeeze(a, outs):
     return np.squeeze(a["x"], axis=_axes(a))
 
 
-@mil_op("expand_dims", upcast=False)
+@mil_op("expand_dims", keeps_fp16=True)
 def expand_dims(a, outs):
     x, axes = a["x"], _ints(a, "axes")
     rank = x.ndim + len(axes)
     return np.expand_dims(x, tuple(sorted(ax % rank for ax in axes)))
 
 
-@mil_op("tile", upcast=False)
+@mil_op("tile", keeps_fp16=True)
 def tile(a, outs):
     return np.tile(a["x"], _ints(a, "reps"))
 
 
-@mil_op("reverse", upcast=False)
+@mil_op("reverse", keeps_fp16=True)
 def reverse(a, outs):
     return np.flip(a["x"], axis=_axes(a))
 
 
-@mil_op("shape", upcast=False)
+@mil_op("shape", keeps_fp16=True)
 def shape(a, outs):
     return np.array(a["x"].shape, dtype=np.int32)
 
 
-@mil_op("fill", upcast=False)
+@mil_op("fill", keeps_fp16=True)
 def fill(a, outs):
-    value = a.get("value", np.float32(0))
-    return np.full(_ints(a, "shape"), value, dtype=outs[0].dtype)
+    value, dtype = a.get("value", np.float32(0)), outs[0].dtype
+    return np.full(_ints(a, "shape"), value, dtype=np.float32 if dtype == np.float16 else dtype)
 
 
 @mil_op("range_1d")
@@ -583,7 +798,7 @@ def range_1d(a, outs):
     return np.arange(a["start"], a["end"], a["step"]).astype(outs[0].dtype)
 
 
-@mil_op("concat", upcast=False)
+@mil_op("concat", keeps_fp16=True)
 def concat(a, outs):
     values, axis = a["values"], _int(a, "axis")
     if values[0].ndim == 0:
@@ -596,12 +811,12 @@ def concat(a, outs):
     return np.concatenate(values, axis=axis)
 
 
-@mil_op("stack", upcast=False)
+@mil_op("stack", keeps_fp16=True)
 def stack(a, outs):
     return np.stack(a["values"], axis=_int(a, "axis"))
 
 
-@mil_op("split", upcast=False)
+@mil_op("split", keeps_fp16=True)
 def split(a, outs):
     x, axis = a["x"], _int(a, "axis")
     sizes = _ints(a, "split_sizes")
@@ -611,7 +826,7 @@ def split(a, outs):
     return tuple(np.split(x, np.cumsum(sizes)[:-1], axis=axis))
 
 
-@mil_op("slice_by_index", upcast=False)
+@mil_op("slice_by_index", keeps_fp16=True)
 def slice_by_index(a, outs):
     x = a["x"]
     begin, end = _ints(a, "begin"), _ints(a, "end")
@@ -629,7 +844,7 @@ def slice_by_index(a, outs):
     return np.asarray(x[tuple(index)])
 
 
-@mil_op("slice_by_size", upcast=False)
+@mil_op("slice_by_size", keeps_fp16=True)
 def slice_by_size(a, outs):
     x, begin, size = a["x"], _ints(a, "begin"), _ints(a, "size")
     index = []
@@ -639,17 +854,17 @@ def slice_by_size(a, outs):
     return x[tuple(index)]
 
 
-@mil_op("pad")
+@mil_op("pad", keeps_fp16=True)
 def pad(a, outs):
     x, flat = a["x"], _ints(a, "pad")
     pairs = [(0, 0)] * (x.ndim - len(flat) // 2) + list(zip(flat[0::2], flat[1::2]))
     mode = _str(a, "mode", "constant")
     if mode == "constant":
-        return np.pad(x, pairs, constant_values=_float(a, "constant_val", 0.0))
+        return _pad_constant(x, pairs, _float(a, "constant_val", 0.0))
     return np.pad(x, pairs, mode={"reflect": "reflect", "replicate": "edge"}[mode])
 
 
-@mil_op("band_part")
+@mil_op("band_part", keeps_fp16=True)
 def band_part(a, outs):
     x, lower, upper = a["x"], _int(a, "lower", -1), _int(a, "upper", -1)
     m = np.arange(x.shape[-2])[:, None]
@@ -679,7 +894,7 @@ def argsort(a, outs):
     return np.argsort(key, axis=axis, kind="stable")
 
 
-@mil_op("topk")
+@mil_op("topk", keeps_fp16=True)
 def topk(a, outs):
     x, axis, k = a["x"], _int(a, "axis", -1), _int(a, "k", 1)
     key = x if _bool(a, "ascending") else _descending_key(x)
@@ -697,7 +912,7 @@ def _wrap_indices(indices, size):
     return np.where(indices < 0, indices + size, indices)
 
 
-@mil_op("gather", upcast=False)
+@mil_op("gather", keeps_fp16=True)
 def gather(a, outs):
     x, axis, batch = a["x"], _int(a, "axis", 0), _int(a, "batch_dims", 0)
     axis %= x.ndim
@@ -716,13 +931,13 @@ def gather(a, outs):
     return y.transpose(perm)
 
 
-@mil_op("gather_along_axis", upcast=False)
+@mil_op("gather_along_axis", keeps_fp16=True)
 def gather_along_axis(a, outs):
     x, axis = a["x"], _int(a, "axis", 0)
     return np.take_along_axis(x, _wrap_indices(a["indices"], x.shape[axis]), axis=axis)
 
 
-@mil_op("gather_nd", upcast=False)
+@mil_op("gather_nd", keeps_fp16=True)
 def gather_nd(a, outs):
     x, idx, batch = a["x"], a["indices"], _int(a, "batch_dims", 0)
     depth = idx.shape[-1]
@@ -797,7 +1012,7 @@ def resize_bilinear(a, outs):
                      _str(a, "sampling_mode", "DEFAULT"))
 
 
-@mil_op("upsample_nearest_neighbor", upcast=False)
+@mil_op("upsample_nearest_neighbor", keeps_fp16=True)
 def upsample_nearest_neighbor(a, outs):
     x = a["x"]
     scales = (_float(a, "scale_factor_height", 1.0), _float(a, "scale_factor_width", 1.0))
@@ -872,7 +1087,7 @@ def _along_axis(param, rank, axis):
     return param.reshape(shape)
 
 
-@mil_op("constexpr_affine_dequantize", upcast=False)
+@mil_op("constexpr_affine_dequantize")
 def constexpr_affine_dequantize(a, outs):
     data, axis = a["quantized_data"], _int(a, "axis")
     scale = _along_axis(a["scale"], data.ndim, axis)
@@ -880,7 +1095,7 @@ def constexpr_affine_dequantize(a, outs):
     return (data.astype(np.float32) - zero.astype(np.float32)) * scale.astype(np.float32)
 
 
-@mil_op("constexpr_cast", upcast=False)
+@mil_op("constexpr_cast")
 def constexpr_cast(a, outs):
     return a["source_val"].astype(outs[0].dtype)
 
@@ -893,7 +1108,7 @@ def _repeat_blocks(param, shape):
     return param
 
 
-@mil_op("constexpr_blockwise_shift_scale", upcast=False)
+@mil_op("constexpr_blockwise_shift_scale")
 def constexpr_blockwise_shift_scale(a, outs):
     data, scale = a["data"], a["scale"]
     values = data.astype(np.float32)
@@ -902,7 +1117,7 @@ def constexpr_blockwise_shift_scale(a, outs):
     return values * _repeat_blocks(scale.astype(np.float32), data.shape)
 
 
-@mil_op("constexpr_lut_to_dense", upcast=False)
+@mil_op("constexpr_lut_to_dense", keeps_fp16=True)
 def constexpr_lut_to_dense(a, outs):
     if a.get("shape") is not None:  # iOS16 form: packed uint8 indices + flat lut + shape
         shape = _ints(a, "shape")

@@ -27,7 +27,7 @@ from coremltools.libmilstoragepython import _BlobStorageReader, _BlobStorageWrit
 from onnx import TensorProto, helper
 
 from applec.errors import BundleError, InputError
-from applec.runtime.coreml_reference import ReferenceProgram
+from applec.runtime.coreml_reference import ReferenceProgram, round_to_fp16
 from applec.runtime.mil_ops import EMITTED_BY_LOWERING, MIL_OPS
 from applec.runtime.mil_reader import BlobFile
 
@@ -285,6 +285,10 @@ conv_case("conv_depthwise", rand(1, 8, 7, 7), rand(8, 1, 3, 3), bias=rand(8), pa
           pad=[1, 1, 1, 1], groups=8)
 conv_case("conv_depthwise_multiplier", rand(1, 4, 9, 8), rand(8, 1, 3, 2), strides=[2, 2],
           dil=[1, 2], groups=4)
+conv_case("conv_depthwise_stride2_dilated", rand(2, 6, 13, 12), rand(6, 1, 3, 3), bias=rand(6),
+          strides=[2, 2], pad_type="custom", pad=[2, 1, 1, 2], dil=[2, 2], groups=6)
+conv_case("conv_pointwise_stride2", rand(1, 5, 9, 8), rand(7, 5, 1, 1), bias=rand(7),
+          strides=[2, 2])
 conv_case("conv1d", rand(2, 3, 17), rand(5, 3, 4), strides=[3], pad_type="custom", pad=[2, 1])
 conv_case("conv3d", rand(1, 2, 5, 6, 7), rand(3, 2, 2, 3, 2), bias=rand(3), pad_type="same")
 ONNX_POOL = {"max_pool": "MaxPool", "avg_pool": "AveragePool", "l2_pool": "LpPool"}
@@ -592,6 +596,48 @@ def test_fp16_rounds_after_every_op(tmp_path):
                                                 y=tiny)), [x], iOS16, tmp_path)
     (out,) = ReferenceProgram(path).run({"a": x}).values()
     np.testing.assert_array_equal(out, x)
+
+
+def fp16_edge_values():
+    """Every kind of float32 the fp16 rounding treats apart, and random bit patterns."""
+    f16 = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    exact = f16.astype(np.float32)
+    bits = exact.view(np.uint32)
+    steps = (np.uint32(1 << 12), np.uint32(1), np.uint32(2**32 - 1), np.uint32((1 << 12) - 1))
+    # bits + 2**12: ties between neighbouring fp16 values; the others just off them.
+    near = np.concatenate([(bits + d).view(np.float32) for d in steps])
+    special = np.array([0.0, -0.0, 65504, 65519.996, 65520, -65520, 1e30, -1e30, 2.0**-25,
+                        -(2.0**-25), 2.0**-25 * 1.0000001, 2.0**-26, 2.0**-14, 1e-45, np.inf,
+                        -np.inf, np.nan], np.float32)
+    noise = RNG.integers(0, 2**32, 2**16, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    return np.concatenate([exact, near, special, noise])
+
+
+def test_round_to_fp16_matches_numpy_bit_for_bit():
+    x = fp16_edge_values()
+    with np.errstate(all="ignore"):
+        want = x.astype(np.float16).astype(np.float32)
+        cases = {"copy": (round_to_fp16(x), want),
+                 "in place": (round_to_fp16(x.copy(), in_place=True), want),
+                 "strided": (round_to_fp16(x[::3]), want[::3]),
+                 "small": (round_to_fp16(x[:1000]), want[:1000])}
+    for name, (got, w) in cases.items():
+        same = (got.view(np.uint32) == w.view(np.uint32)) | (np.isnan(got) & np.isnan(w))
+        assert same.all(), (name, x[:got.size][~same][:5])
+
+
+def test_fp16_chain_rounds_like_numpy(tmp_path):
+    # Big enough for the executor's fast rounding; values from fp16 subnormals to overflow.
+    x = (RNG.standard_normal((64, 160)) * 10.0 ** RNG.uniform(-7, 5, (64, 160))).astype(np.float32)
+    c, d = np.float16(1.37), np.float16(-0.011)
+    path = save_program(lambda v: as_f32(mb.relu(x=mb.add(
+        x=mb.mul(x=mb.cast(x=v, dtype="fp16"), y=c), y=d))), [x], iOS16, tmp_path)
+    (out,) = ReferenceProgram(path).run({"a": x}).values()
+    f16, f32 = np.float16, np.float32
+    with np.errstate(all="ignore"):
+        want = (x.astype(f16).astype(f32) * f32(c)).astype(f16)
+        want = np.maximum((want.astype(f32) + f32(d)).astype(f16), 0).astype(f32)
+    np.testing.assert_array_equal(out, want)
 
 
 # ---- blob storage reader and executor internals --------------------------------------------------
