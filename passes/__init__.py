@@ -28,6 +28,7 @@ from . import (
     fuse_rms_norm,
     fuse_silu,
     quantize_weights,
+    sum_to_mean,
 )
 
 PassFn = Callable[[Graph], int]
@@ -43,6 +44,8 @@ PassFn = Callable[[Graph], int]
 #   x * sigmoid(x)) match only when it is one value, not two equal computations.
 # - the fusions after the cleanups: they match constants (weights, epsilons, axes) and
 #   need the Identity/Cast no-ops between pattern nodes gone.
+# - sum_to_mean before the fusions: a LayerNorm written as ReduceSum * 1/N fuses only once
+#   it reads ReduceMean (and in fp16 the sum alone can overflow).
 # - fuse_layer_norm before fuse_rms_norm: the RMSNorm pattern also matches a LayerNorm's
 #   tail (with x - mean as its input), which would leave the LayerNorm unfusable.
 # - fuse_attention before fuse_matmul_add: an unscaled attention's Add(MatMul(q, kT), mask)
@@ -58,6 +61,7 @@ PIPELINE: list[tuple[str, PassFn]] = [
     ("fold_constants", fold_constants.run),
     ("eliminate_identity", eliminate_identity.run),
     ("eliminate_common_subexpressions", eliminate_common_subexpressions.run),
+    ("sum_to_mean", sum_to_mean.run),
     ("fuse_conv_batchnorm", fuse_conv_batchnorm.run),
     ("fuse_layer_norm", fuse_layer_norm.run),
     ("fuse_rms_norm", fuse_rms_norm.run),

@@ -566,3 +566,41 @@ def test_fused_op_shape_errors_name_op_and_node():
     node = graph.add_node("applec.Linear", [q, w], name="lin")
     with pytest.raises(ShapeError, match="applec.Linear node 'lin'"):
         infer_node(node)
+
+
+# -- sum_to_mean -----------------------------------------------------------------------------
+def _sum_scaled(b: GraphBuilder, x: str, factor: float, op: str = "Mul") -> str:
+    total = b.op("ReduceSum", [x, i64(b, [-1])], keepdims=1)
+    return b.op(op, [total, f32(b, factor)])
+
+
+def test_sum_to_mean_and_fp16_overflow(tmp_path, compiled):
+    """Sum of squares / N: 64 squares of ~100 sum to 6.4e5 (inf in fp16); their mean does
+    not overflow, so only the rewritten graph survives fp16."""
+    b = GraphBuilder()
+    squares = b.op("Mul", ["x", "x"])
+    b.op("Sqrt", [_sum_scaled(b, squares, 1 / 64)], name="rms")
+    b.op("Identity", [_sum_scaled(b, "x", 64.0, op="Div")], name="mean")
+    proto = model(b, {"x": (2, 64)}, {"rms": (2, 1), "mean": (2, 1)})
+    unfused, fused, rewrites = pipelines(tmp_path, proto)
+    assert rewrites["sum_to_mean"] == 2
+    assert fused.op_counts().get("ReduceSum", 0) == 0
+    assert fused.op_counts()["ReduceMean"] == 2
+    feeds = {"x": (100 + seeded((2, 64))).astype(np.float32)}
+    assert_same_numbers(unfused, fused, feeds)
+    c = compiled(proto, "fp16")
+    got = c.run(feeds)["rms"]
+    assert np.all(np.isfinite(got))
+    c.check(feeds)
+
+
+def test_sum_to_mean_near_misses(tmp_path):
+    b = GraphBuilder()
+    b.op("Identity", [_sum_scaled(b, "x", 1 / 65)], name="wrong_n")  # 65 is not the count
+    total = b.op("ReduceSum", ["x2", i64(b, [-1])], keepdims=1)
+    b.op("Mul", [total, "w"], name="runtime_scale")  # the scale is not a constant
+    proto = model(b, {"x": (2, 64), "x2": (2, 64), "w": (2, 1)},
+                  {"wrong_n": (2, 1), "runtime_scale": (2, 1)})
+    unfused, fused, rewrites = pipelines(tmp_path, proto)
+    assert rewrites["sum_to_mean"] == 0
+    assert fused.op_counts()["ReduceSum"] == 2
