@@ -23,7 +23,7 @@ import numpy as np
 
 from applec.errors import ApplecError, BundleError, InputError
 
-from .mil_ops import KEEPS_FP16, MIL_OPS, TRANSPOSED
+from .mil_ops import KEEPS_FP16, MIL_OPS, TRANSPOSED, scratch
 from .mil_reader import Block, Operation, Program, TensorInfo, read_mlpackage, walk
 
 # Ops run by the executor itself because they own nested blocks.
@@ -43,7 +43,7 @@ class _Step:
     (parameter, ((variable or None, constant), ...)); `finish` has one (kind, dtype, shape,
     shape is fully known) per output; `dead` names the variables nobody reads after it."""
 
-    __slots__ = ("op", "static", "reads", "lists", "names", "finish", "dead", "branches")
+    __slots__ = ("branches", "dead", "finish", "lists", "names", "op", "reads", "static")
 
     def __init__(self, op: Operation):
         self.op = op
@@ -353,8 +353,8 @@ def round_to_fp16(x: np.ndarray, in_place: bool = False) -> np.ndarray:
     out = x if in_place else np.empty_like(x)
     flat_x, flat_out = x.reshape(-1), out.reshape(-1)
     size = flat_x.size
-    sign = np.empty(min(size, _ROUND_BLOCK), np.uint32)
-    magic = np.empty_like(sign)
+    sign = scratch("fp16 sign", (min(size, _ROUND_BLOCK),), np.uint32)
+    magic = scratch("fp16 magic", (min(size, _ROUND_BLOCK),), np.uint32)
     for start in range(0, size, _ROUND_BLOCK):
         xs, ys = flat_x[start:start + _ROUND_BLOCK], flat_out[start:start + _ROUND_BLOCK]
         s, m = sign[:xs.size], magic[:xs.size]

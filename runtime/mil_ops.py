@@ -20,6 +20,7 @@ This module is longer than the house ~600 lines because it is the one op table.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -176,7 +177,8 @@ _BINARY = {
 # Results are input values or small integers (exact in fp16); comparisons make bools.
 _PICKS_VALUES = {"identity", "relu", "relu6", "abs", "floor", "ceil", "round", "sign",
                  "maximum", "minimum", "equal", "not_equal", "less", "less_equal", "greater",
-                 "greater_equal", "logical_and", "logical_or", "logical_xor", "logical_not"}
+                 "greater_equal", "logical_and", "logical_or", "logical_xor", "logical_not",
+                 "reduce_max", "reduce_min"}
 
 
 def _unary_op(f):
@@ -365,7 +367,6 @@ def _log_sum_exp(x, axis, keepdims):
     return s if keepdims else np.squeeze(s, axis=axis)
 
 
-_PICKS_VALUES |= {"reduce_max", "reduce_min"}
 _REDUCTIONS = {
     "reduce_mean": np.mean, "reduce_sum": np.sum, "reduce_max": np.max, "reduce_min": np.min,
     "reduce_prod": np.prod, "reduce_log_sum_exp": _log_sum_exp,
@@ -416,14 +417,9 @@ def matmul(a, outs):
 
 @mil_op("linear")
 def linear(a, outs):
-    x, w = a["x"], a["weight"]
+    x, w = a["x"], a["weight"]  # a constant: the executor stores it transposed (TRANSPOSED)
     x2 = x.reshape(-1, x.shape[-1]) if x.ndim > 2 else x  # one BLAS call over every row
-    if x2.ndim == 2 and x2.shape[0] < 100 and not w.T.flags.c_contiguous:
-        # Few rows and w in C order: BLAS runs faster on w x^T than on x w^T.
-        y = np.ascontiguousarray(np.matmul(w, x2.T).T)
-    else:
-        y = np.matmul(x2, w.T)
-    y = y.reshape(x.shape[:-1] + w.shape[:1])
+    y = np.matmul(x2, w.T).reshape(x.shape[:-1] + w.shape[:1])
     return y if a.get("bias") is None else _into(np.add, y, a["bias"])
 
 
@@ -581,19 +577,48 @@ def _taps(x, kernel, out_sizes, strides, dilations):
         yield offset, x[(Ellipsis,) + index]
 
 
-def _pad_spatial(x, pads, value=0.0):
-    return _pad_constant(x, [(0, 0), (0, 0)] + [tuple(p) for p in pads], value)
+def _pad_spatial(x, pads, value=0.0, slot=None):
+    return _pad_constant(x, [(0, 0), (0, 0)] + [tuple(p) for p in pads], value, slot)
 
 
-def _pad_constant(x, pairs, value):
-    """np.pad(x, pairs, constant_values=value) as one fill and one copy; x itself if no pad."""
+def _pad_constant(x, pairs, value, slot=None):
+    """np.pad(x, pairs, constant_values=value) as one fill and one copy; x itself if no pad.
+    With a `slot`, the result lives in that scratch buffer (see `scratch`)."""
     if not any(b or e for b, e in pairs):
         return x
     if any(b < 0 or e < 0 for b, e in pairs):
         return np.pad(x, pairs, constant_values=value)
     shape = tuple(n + b + e for n, (b, e) in zip(x.shape, pairs))
-    out = np.zeros(shape, x.dtype) if value == 0 else np.full(shape, value, x.dtype)
+    if slot:
+        out = scratch(slot, shape, x.dtype)
+        out.fill(value)
+    else:
+        out = np.zeros(shape, x.dtype) if value == 0 else np.full(shape, value, x.dtype)
     out[tuple(slice(b, b + n) for n, (b, _) in zip(x.shape, pairs))] = x
+    return out
+
+
+_SCRATCH = threading.local()
+
+
+def scratch(slot, shape, dtype):
+    """An uninitialised array in a buffer that this thread reuses for `slot` from call to
+    call, valid until the slot's next use: for an op's internal temporaries. Fresh memory
+    costs a page fault per 4 kB, which on some machines costs more than the op's work."""
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    size, dtype = math.prod(shape), np.dtype(dtype)
+    buf = buffers.get((slot, dtype))
+    if buf is None or buf.size < size:
+        buf = buffers[slot, dtype] = np.empty(size, dtype)
+    return buf[:size].reshape(shape)
+
+
+def _copy_to_scratch(slot, view):
+    """`view` as a C-contiguous array: itself if it is one, else a copy in scratch."""
+    if view.flags.c_contiguous:
+        return view
+    out = scratch(slot, view.shape, view.dtype)
+    np.copyto(out, view)
     return out
 
 
@@ -603,12 +628,12 @@ def conv(a, outs):
     nd = x.ndim - 2
     strides, dil = _ints(a, "strides", [1] * nd), _ints(a, "dilations", [1] * nd)
     eff = [(k - 1) * d + 1 for k, d in zip(w.shape[2:], dil)]
-    xp = _pad_spatial(x, _spatial_pads(a, x.shape[2:], eff, strides))
+    xp = _pad_spatial(x, _spatial_pads(a, x.shape[2:], eff, strides), slot="padded")
     y = _conv_matmul(xp, w, groups, strides, dil)
     return y if a.get("bias") is None else _into(np.add, y, _per_channel(a["bias"], y.ndim))
 
 
-def _conv_matmul(xp, w, groups, strides, dilations, budget=1 << 19):
+def _conv_matmul(xp, w, groups, strides, dilations, budget=1 << 18):
     """Convolution of the padded `xp` as matmuls, NCHW throughout: weights [G, M/G, C/G * K]
     times the im2col matrix [N, G, C/G * K, P] is [N, G, M/G, P], already the output's
     layout. Each im2col row (one channel and kernel tap, every output position) is copied
@@ -629,18 +654,21 @@ def _conv_matmul(xp, w, groups, strides, dilations, budget=1 << 19):
     wm = w.reshape(groups, m // groups, rows)
     y = np.empty((n, groups, m // groups, size), np.result_type(xp, w))
     if groups > 1:
-        step = max(1, budget // (n * rows * size)) * (c // groups)  # input channels per block
+        step = max(1, 2 * budget // (n * rows * size)) * (c // groups)  # channels per block
         for first in range(0, c, step):
-            block = cols[:, first:first + step].reshape(n, -1, rows, size)
+            block = _copy_to_scratch("im2col", cols[:, first:first + step])
+            block = block.reshape(n, -1, rows, size)
             g = first // (c // groups)
             np.matmul(wm[g:g + block.shape[1]], block, out=y[:, g:g + block.shape[1]])
         return y.reshape((n, m) + tuple(out_sizes))
-    per_row = size // out_sizes[0] if size else 1
-    step = out_sizes[0] if pointwise or n * rows * size <= 8 * budget else \
+    # Few output channels make the matmul stream its im2col matrix from memory: block it
+    # early then; many reuse each column enough, and big blocks multiply fastest.
+    per_row, limit = size // out_sizes[0] if size else 1, budget if m <= 32 else 8 * budget
+    step = out_sizes[0] if pointwise or n * rows * size <= limit else \
         max(1, budget // (n * rows * per_row))
     for first in range(0, out_sizes[0], step):
         block = cols[(slice(None),) * (cols.ndim - nd) + (slice(first, first + step),)]
-        block = block.reshape(n, rows, -1)
+        block = _copy_to_scratch("im2col", block).reshape(n, rows, -1)
         np.matmul(wm[0], block, out=y[:, 0, :, first * per_row:first * per_row + block.shape[-1]])
     return y.reshape((n, m) + tuple(out_sizes))
 

@@ -568,6 +568,9 @@ FP16_CASES = {
              lambda x: onnx_run("Conv", {"x": x, "w": W_F16}, {"auto_pad": "SAME_UPPER"}),
              rand(1, 3, 8, 8)),
     "matmul": (lambda h: mb.matmul(x=h, y=W_LIN.T.astype(np.float16)), lambda x: x @ W_LIN.T, X),
+    "linear": (lambda h: mb.linear(x=h, weight=W_LIN.astype(np.float16),
+                                   bias=B_LIN.astype(np.float16)),
+               lambda x: x @ W_LIN.T + B_LIN, rand(3, 70, 5)),
     "softmax": (lambda h: mb.softmax(x=h, axis=-1), lambda x: softmax(x, -1), X),
     "layer_norm": (lambda h: mb.layer_norm(x=h, axes=[-1]), lambda x: (
         x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5), X),
@@ -686,6 +689,19 @@ def test_weights_are_read_from_the_blob_file(tmp_path):
     (out,) = program.run({"a": x}).values()
     dequantized = (w8.astype(np.float32) - 3) * np.float32(np.float16(0.01))
     assert cosine(out, x @ w16.astype(np.float32) @ dequantized) >= 0.9999
+
+
+def test_ops_on_constants_only_are_folded_at_load(tmp_path, monkeypatch):
+    calls, real_fill = [], MIL_OPS["fill"]
+    monkeypatch.setitem(MIL_OPS, "fill", lambda a, outs: calls.append(1) or real_fill(a, outs))
+    path = save_program(lambda v: mb.add(x=v, y=mb.fill(shape=[2, 5], value=3.0)), [rand(2, 5)],
+                        iOS16, tmp_path)
+    program = ReferenceProgram(path)
+    x = rand(2, 5)
+    for _ in range(2):
+        (out,) = program.run({"a": x}).values()
+        np.testing.assert_array_equal(out, x + 3)
+    assert "fill" in program.op_types() and len(calls) == 1
 
 
 def test_intermediates_are_freed_after_their_last_reader(tmp_path, monkeypatch):
