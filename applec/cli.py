@@ -239,8 +239,9 @@ def validate(
     from .runtime import load
     from .validate import TOLERANCE, validate_bundle
 
-    feeds = resolve_feeds(load(bundle, backend=backend), input) if input else None
-    report = validate_bundle(bundle, onnx, inputs=feeds, backend=backend, seed=seed)
+    loaded = load(bundle, backend=backend)  # verified once, for the inputs and the run
+    feeds = resolve_feeds(loaded, input) if input else None
+    report = validate_bundle(loaded, onnx, inputs=feeds, seed=seed)
     if as_json:
         emit_json(report.to_json())
     else:

@@ -109,7 +109,7 @@ def compile_model(model: str | Path, *, output: str | Path, target: str = "m2",
         artifact_dir.parent.mkdir(parents=True)
         write_mlpackage(lowered, ct_target, artifact_dir,
                         description=f"applec {__version__}: {graph.meta.get('source')} "
-                                    f"for {profile_key(profile)} ({precision})")
+                                    f"for {profile.id} ({precision})")
         lap("lower", f"{sum(len(v) for v in lowered.mil_ops.values())} MIL ops")
         partitions[0].update(
             inputs=[p.to_json() for p in lowered.inputs],
@@ -122,10 +122,6 @@ def compile_model(model: str | Path, *, output: str | Path, target: str = "m2",
         manifest = bundle.finish(staging, manifest, report)
         lap("write", str(output))
     return CompileResult(output, manifest, report, seconds)
-
-
-def profile_key(profile) -> str:
-    return profile.id
 
 
 def _coreml_target(profile, deployment_target: str | None):

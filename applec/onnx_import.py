@@ -515,9 +515,7 @@ def _dropout_old(b: _Builder, name, inputs, outputs, attrs):
 def _batchnorm(b: _Builder, name, inputs, outputs, attrs):
     for key in ("spatial", "is_test", "consumed_inputs", "momentum", "training_mode"):
         attrs.pop(key, None)
-    extra = [v for v in outputs[1:] if v.name]
-    if any(not v.name.startswith(f"{name}_unused") for v in extra):
-        pass  # training-only outputs; unused in inference graphs, DCE removes them
+    # outputs past the first are training-only statistics; inference graphs never read them
     return b.graph.add_node("BatchNormalization", inputs, attrs, name=name,
                             outputs=outputs[:1])
 

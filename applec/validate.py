@@ -110,14 +110,15 @@ class ValidationReport:
 
 
 def validate_bundle(bundle, onnx_model, *, inputs=None, backend="auto", seed=0):
+    """`bundle` is a path, or a bundle `applec.load` already verified (not hashed again)."""
     from applec.onnx_import import load_model
-    from applec.runtime import load
+    from applec.runtime import LoadedBundle, load
 
     load_model(onnx_model)  # a clear error for a bad ONNX file before onnxruntime sees it
-    loaded = load(bundle, backend=backend)
+    loaded = bundle if isinstance(bundle, LoadedBundle) else load(bundle, backend=backend)
     feeds = dict(inputs) if inputs else random_inputs(loaded.inputs, seed)
     got = loaded.run(feeds)
     want = onnxruntime_outputs(onnx_model, feeds)
     checks = [compare(spec["name"], got[spec["name"]], want[spec["name"]], loaded.precision)
               for spec in loaded.outputs]
-    return ValidationReport(str(bundle), loaded.precision, checks)
+    return ValidationReport(str(loaded.root), loaded.precision, checks)

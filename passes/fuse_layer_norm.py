@@ -87,11 +87,17 @@ def check(m: Match) -> str | None:
         return reason
     if var_axes != axes:
         return f"the mean is over axes {axes} but the variance over {var_axes}"
+    return check_square_eps_affine(m, x.shape[-len(axes):])
+
+
+def check_square_eps_affine(m: Match, norm_shape) -> str | None:
+    """The checks LayerNorm and RMSNorm share: x squared, a constant epsilon, an affine
+    scale/shift that fits the normalized shape."""
     if "two" in m and (reason := expect(m["two"], 2.0, "the exponent", "2")):
         return reason
     if scalar(m["eps"]) is None:
         return f"epsilon '{m['eps'].name}' is not a constant scalar"
-    return affine(m, x.shape[-len(axes):])[1]
+    return affine(m, norm_shape)[1]
 
 
 def rewrite(e, m: Match):

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from applec.ir import Graph
 
-from ._patterns import Const, Either, Fusion, Match, Op, Var, apply, expect, scalar
-from .fuse_layer_norm import affine, normalized_axes
+from ._patterns import Const, Either, Fusion, Match, Op, Var, apply, scalar
+from .fuse_layer_norm import affine, check_square_eps_affine, normalized_axes
 
 X = Var("x")
 SQUARE = Either(Op("Pow", X, Var("two")), Op("Mul", X, X))
@@ -34,11 +34,7 @@ def check(m: Match) -> str | None:
     axes, reason = normalized_axes(m["mean"], m["axes"], x)
     if reason:
         return reason
-    if "two" in m and (reason := expect(m["two"], 2.0, "the exponent", "2")):
-        return reason
-    if scalar(m["eps"]) is None:
-        return f"epsilon '{m['eps'].name}' is not a constant scalar"
-    return affine(m, x.shape[-len(axes):])[1]
+    return check_square_eps_affine(m, x.shape[-len(axes):])
 
 
 def rewrite(e, m: Match):

@@ -63,6 +63,14 @@ def test_validate_ok_and_json(cnn_bundle, capsys):
     assert report["ok"] and report["outputs"][0]["max_rel"] <= 1e-4
 
 
+def test_validate_with_given_inputs(cnn_bundle, capsys):
+    root, model, bundle, image = cnn_bundle
+    assert main(["validate", str(bundle), "--onnx", str(model), "--input", f"image={image}",
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and report["bundle"] == str(bundle)
+
+
 def test_validate_mismatch_exits_1(cnn_bundle, tmp_path, capsys):
     root, model, bundle, image = cnn_bundle
     other = tmp_path / "other.onnx"

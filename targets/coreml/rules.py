@@ -369,39 +369,39 @@ def explicit_pads(node: Node, in_spatial, kernel, strides, dilations) -> list[in
     return [p for i in range(n) for p in (onnx_pads[i], onnx_pads[i + n])]
 
 
-@rule("Conv")
-def lower_conv(lw, node):
+def conv_args(lw, node) -> tuple[dict, list[int], list[int], list[int]]:
+    """MIL arguments Conv and ConvTranspose share (pads left to the caller), and the
+    kernel, strides and dilations they are computed from."""
     x, w, b = node.inputs[0], node.inputs[1], node.input(2)
     n = len(x.shape) - 2
     kernel = list(w.shape[2:])
     strides = list(node.attrs.get("strides", [1] * n))
     dilations = list(node.attrs.get("dilations", [1] * n))
-    pads = explicit_pads(node, x.shape[2:], kernel, strides, dilations)
     args = {"x": lw.get(x), "weight": lw.get(w), "strides": strides, "dilations": dilations,
-            "pad_type": "custom", "pad": pads, "groups": int(node.attrs.get("group", 1)),
+            "pad_type": "custom", "groups": int(node.attrs.get("group", 1)),
             "name": lw.out_name()}
     if b is not None:
         args["bias"] = lw.get(b)
+    return args, kernel, strides, dilations
+
+
+@rule("Conv")
+def lower_conv(lw, node):
+    args, kernel, strides, dilations = conv_args(lw, node)
+    args["pad"] = explicit_pads(node, node.inputs[0].shape[2:], kernel, strides, dilations)
     lw.bind(node.outputs[0], mb.conv(**args))
 
 
 @rule("ConvTranspose")
 def lower_conv_transpose(lw, node):
-    x, w, b = node.inputs[0], node.inputs[1], node.input(2)
-    n = len(x.shape) - 2
-    kernel = list(w.shape[2:])
-    strides = list(node.attrs.get("strides", [1] * n))
-    dilations = list(node.attrs.get("dilations", [1] * n))
-    out_spatial = node.outputs[0].shape[2:]
+    args, kernel, strides, dilations = conv_args(lw, node)
+    in_spatial, out = node.inputs[0].shape[2:], node.outputs[0].shape
+    n = len(in_spatial)
     full = [(i - 1) * s + (k - 1) * d + 1
-            for i, s, k, d in zip(x.shape[2:], strides, kernel, dilations)]
+            for i, s, k, d in zip(in_spatial, strides, kernel, dilations)]
     extra = list(node.attrs.get("output_padding", [0] * n))
-    pads = transpose_pads(node, full, out_spatial, extra, n)
-    args = {"x": lw.get(x), "weight": lw.get(w), "strides": strides, "dilations": dilations,
-            "pad_type": "custom", "pad": pads, "groups": int(node.attrs.get("group", 1)),
-            "output_shape": np.asarray(node.outputs[0].shape, np.int32), "name": lw.out_name()}
-    if b is not None:
-        args["bias"] = lw.get(b)
+    args["pad"] = transpose_pads(node, full, out[2:], extra, n)
+    args["output_shape"] = np.asarray(out, np.int32)
     lw.bind(node.outputs[0], mb.conv_transpose(**args))
 
 
