@@ -8,7 +8,7 @@ numbers the interpreter computes with are the numbers CoreML decompresses.
 
 - int8: symmetric, one scale per output channel, codes in [-127, 127];
 - int4: asymmetric per block of `block` consecutive columns of a row, codes in [0, 15]
-  with a 4-bit zero point (all 16 levels cover [min, max] of the block, zero exact);
+  with a float zero point; scale and zero searched per block for the least squared error;
 - palette4: a 16-entry LUT per group of output channels, by 1-D k-means.
 
 With calibration data each quantizer rounds GPTQ-style (`quantize_gptq`): columns are
@@ -124,28 +124,90 @@ def int8_codes(col: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(col / scale), -127, 127)
 
 
-# -- int4: asymmetric per block ------------------------------------------------------------
-def int4_params(block: np.ndarray, float_dtype):
-    """scale, zero point for each row of `block` [N, B] (zero stays exactly representable)."""
-    low = np.minimum(block.min(axis=1, keepdims=True), 0)
-    high = np.maximum(block.max(axis=1, keepdims=True), 0)
-    scale = round_to(np.maximum((high - low) / 15, np.float32(2.0 ** -24)), float_dtype)
-    zero = np.clip(np.rint(-low / scale), 0, 15)
-    return scale, zero
+# -- int4: asymmetric per block, range and zero point searched -----------------------------
+INT4_SHRINK = np.linspace(1.0, 0.5, 11)   # candidate fractions of a block's [min, max]
+INT4_REFINE = 3                           # least-squares refits of (scale, zero) after that
+ZERO_STEP = 1 / 64                        # zero points are multiples of this, in code units
+ZERO_RANGE = (-16.0, 31.0)                # so every code - zero is exact in fp16
+CHUNK_ELEMENTS = 1 << 20                  # weights searched at once (bounds the temporaries)
+
+
+def round_zero(zero: np.ndarray) -> np.ndarray:
+    """Zero points on the 1/64 grid in [-16, 31]: `code - zero` is then exact in fp16, so
+    CoreML's fp16 dequantization and ours compute the same number."""
+    return np.clip(np.rint(zero / ZERO_STEP) * ZERO_STEP, *ZERO_RANGE).astype(np.float32)
 
 
 def int4_block_params(w: np.ndarray, block: int, float_dtype):
-    """scale, zero point [N, K / block] of every block of `w` [N, K]."""
+    """scale, zero point [N, K / block] of every block of `w` [N, K], each chosen to
+    minimise the block's squared error: plain min/max with a whole zero point, and the
+    range [min, max] shrunk by each of INT4_SHRINK (clipping a few outliers buys a finer step for the rest), then the best
+    candidate refitted by least squares (w ~ scale * (code - zero) over the block's current
+    codes) while that lowers the error. The zero point is a float on a 1/64 grid, not a
+    4-bit code: it costs 2 bytes per block instead of half a byte and places the 16 levels
+    where the block's values are (constexpr_blockwise_shift_scale takes an fp16 offset)."""
     n, k = w.shape
-    blocks = w.reshape(n, k // block, block)
-    low = np.minimum(blocks.min(axis=2), 0)
-    high = np.maximum(blocks.max(axis=2), 0)
-    scale = round_to(np.maximum((high - low) / 15, np.float32(2.0 ** -24)), float_dtype)
-    return scale, np.clip(np.rint(-low / scale), 0, 15)
+    blocks = np.ascontiguousarray(w, np.float32).reshape(n * (k // block), block)
+    scale = np.empty(len(blocks), np.float32)
+    zero = np.empty(len(blocks), np.float32)
+    rows = max(1, CHUNK_ELEMENTS // block)
+    for start in range(0, len(blocks), rows):
+        part = slice(start, start + rows)
+        scale[part], zero[part] = _search_blocks(blocks[part], float_dtype)
+    return scale.reshape(n, k // block), zero.reshape(n, k // block)
+
+
+def _search_blocks(b: np.ndarray, float_dtype):
+    """The search of int4_block_params on blocks `b` [M, B] (one block per row)."""
+    low, high = b.min(axis=1), b.max(axis=1)
+    best = None
+    for fraction in (None, *INT4_SHRINK):
+        if fraction is None:   # plain min/max with a whole zero point: never worse than it
+            low0, high0 = np.minimum(low, 0), np.maximum(high, 0)
+            scale = round_to(np.maximum((high0 - low0) / 15, np.float32(2.0 ** -24)),
+                             float_dtype)
+            zero = np.clip(np.rint(-low0 / scale), 0, 15).astype(np.float32)
+        else:
+            scale = round_to(np.maximum((high - low) * fraction / 15, np.float32(2.0 ** -24)),
+                             float_dtype)
+            zero = round_zero(-low * fraction / scale)
+        error = _block_error(b, scale, zero)
+        if best is None:
+            best = [scale, zero, error]
+            continue
+        better = error < best[2]
+        for i, value in enumerate((scale, zero, error)):
+            best[i] = np.where(better, value, best[i])
+    scale, zero, error = best
+    for _ in range(INT4_REFINE):
+        codes = int4_codes(b, scale[:, None], zero[:, None])
+        mean_code, mean_w = codes.mean(axis=1), b.mean(axis=1)
+        centred = codes - mean_code[:, None]
+        spread = np.einsum("ij,ij->i", centred, centred)
+        fitted = np.einsum("ij,ij->i", centred, b - mean_w[:, None]) / np.maximum(spread, 1e-30)
+        usable = (spread > 0) & (fitted > 0)
+        new_scale = round_to(np.where(usable, fitted, scale), float_dtype)
+        new_zero = round_zero(np.where(usable, mean_code - mean_w / np.maximum(new_scale,
+                                                                               2.0 ** -24),
+                                       zero))
+        new_error = _block_error(b, new_scale, new_zero)
+        better = new_error < error
+        if not better.any():
+            break
+        scale = np.where(better, new_scale, scale)
+        zero = np.where(better, new_zero, zero)
+        error = np.where(better, new_error, error)
+    return scale, zero
+
+
+def _block_error(b: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
+    values = (int4_codes(b, scale[:, None], zero[:, None]) - zero[:, None]) * scale[:, None]
+    values -= b
+    return np.einsum("ij,ij->i", values, values)
 
 
 def int4_codes(col: np.ndarray, scale, zero) -> np.ndarray:
-    return np.clip(np.rint(col / scale) + zero, 0, 15)
+    return np.clip(np.rint(col / scale + zero), 0, 15)
 
 
 # -- palette: k-means LUT per group of rows ------------------------------------------------
@@ -212,7 +274,8 @@ class Grid:
     def start_block(self, j: int, current: np.ndarray) -> None:
         """Called at column j with the weight's columns j.. as they are now (int4)."""
         if self.mode == "int4" and j % self.block == 0:
-            scale, zero = int4_params(current[:, :self.block], self.float_dtype)
+            scale, zero = int4_block_params(current[:, :self.block], self.block,
+                                            self.float_dtype)
             self.scale[:, j // self.block] = scale[:, 0]
             self.zero[:, j // self.block] = zero[:, 0]
 
@@ -234,7 +297,8 @@ class Grid:
                              values.astype(np.float32), codes.shape[1])
         if self.mode == "int4":
             return Quantized("affine", 4, codes.astype(np.uint8), self.scale,
-                             self.zero.astype(np.uint8), values.astype(np.float32), self.block)
+                             self.zero.astype(self.float_dtype), values.astype(np.float32),
+                             self.block)
         return Quantized("lut", 4, codes.astype(np.uint8), self.luts, None,
                          values.astype(np.float32), self.block)
 
@@ -251,7 +315,7 @@ def quantize_rtn(mode: str, w: np.ndarray, block: int, float_dtype) -> Quantized
         grid.scale, grid.zero = int4_block_params(w, block, float_dtype)
         scale = np.repeat(grid.scale, block, axis=1)
         zero = np.repeat(grid.zero, block, axis=1)
-        codes = np.clip(np.rint(w / scale) + zero, 0, 15)
+        codes = int4_codes(w, scale, zero)
         return grid.result(codes, (codes - zero) * scale)
     mids = (grid.row_luts[:, 1:] + grid.row_luts[:, :-1]) / 2
     codes = np.zeros(w.shape, np.int64)

@@ -254,7 +254,8 @@ def layer_record(cfg: QuantizeConfig, site: Site, q: Quantized, method: str, sou
     weight = dq.meta["float_weight"]
     float_bytes = np.dtype(cfg.float_dtype).itemsize
     params = q.params.size * float_bytes
-    offsets = 0 if q.offset is None else (q.offset.size * q.bits + 7) // 8
+    offsets = 0 if q.offset is None else (
+        q.offset.nbytes if q.offset.dtype.kind == "f" else (q.offset.size * q.bits + 7) // 8)
     record = {
         "onnx_node": site.node.meta.get("onnx_node"),
         "op_type": site.node.op_type,

@@ -7,7 +7,8 @@ decompresses it when it loads the model. The numpy reference decompresses exactl
 MIL ops do, so the interpreter computes with the quantized numbers.
 
     applec.DequantizeWeight(data, scale, offset?; mode="affine", bits, axis)
-        out = scale * (data - offset), each scale/offset entry repeated over its block:
+        out = scale * (data - offset), each scale/offset entry repeated over its block
+        (offset: integers like data, or floats, as MIL allows):
         block_size[i] = data.shape[i] / scale.shape[i] (MIL constexpr_blockwise_shift_scale;
         one block per output channel is constexpr_affine_dequantize);
     applec.DequantizeWeight(indices, lut; mode="lut", bits, axis)
@@ -90,8 +91,10 @@ class DequantizeWeight(OpDef):
         if scale.ndim != data.ndim or any(d % s for d, s in zip(data.shape, scale.shape)):
             self.fail(node, f"scale {list(scale.shape)} must have the data's rank and divide "
                             f"its shape {list(data.shape)} into blocks")
-        if offset is not None and (offset.shape != scale.shape or offset.dtype != data.dtype):
-            self.fail(node, "offset must have the scale's shape and the data's dtype")
+        if offset is not None and (offset.shape != scale.shape or
+                                   (offset.dtype != data.dtype and offset.dtype.kind != "f")):
+            self.fail(node, "offset must have the scale's shape and the data's dtype or a "
+                            "float dtype")
 
     def _check_lut(self, node, indices, lut, bits, axis):
         if indices.dtype != np.uint8:

@@ -1,8 +1,8 @@
 """CoreML lowering of applec.DequantizeWeight (applec/ops/quant.py): one `constexpr_*` op,
 so the .mlpackage stores the compressed weight and CoreML decompresses it at load time.
 
-- affine, iOS18+: constexpr_blockwise_shift_scale (int8, or uint4 with a uint4 offset; one
-  scale per block). coremltools' own quantizer uses it from iOS18 on as well;
+- affine, iOS18+: constexpr_blockwise_shift_scale (int8, or uint4 with an fp16/fp32
+  offset; one scale and offset per block). coremltools' own quantizer uses it from iOS18 on as well;
 - affine with one scale per output channel, before iOS18: constexpr_affine_dequantize;
 - lut, iOS18+: constexpr_lut_to_dense with uint4 indices shaped like the weight and one
   LUT per group of output channels (lut [1.., G, 1.., 16, 1]);
@@ -59,7 +59,8 @@ def affine(lw, data, scale, offset, bits: int, axis: int):
     if opset_is_ios18(lw):
         args = {"data": int_data(data, bits), "scale": scale, "name": lw.out_name()}
         if offset is not None:
-            args["offset"] = int_data(offset, bits)
+            args["offset"] = (offset.astype(lw.float_dtype) if offset.dtype.kind == "f"
+                              else int_data(offset, bits))
         return mb.constexpr_blockwise_shift_scale(**args)
     per_channel = all(s == 1 for i, s in enumerate(scale.shape) if i != axis)
     if bits != 8 or not per_channel:
