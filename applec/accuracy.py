@@ -10,9 +10,8 @@ Reported:
 - per output: cosine and SNR (dB) of quantized vs float, over all samples; a warning when
   the cosine is under COSINE_WARNING;
 - per quantized layer: the weight's relative Frobenius error and SNR, and the SNR of the
-  layer's own output on its float input (what GPTQ minimises);
-- with calibration data: activations the float model produces beyond the fp16 range
-  (|x| > 65504), which an fp16 program would turn into inf.
+  layer's own output on its float input (what GPTQ minimises).
+Activations beyond the fp16 range are fp16 safety's business (applec/fp16_safety.py).
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ from .validate import random_inputs
 
 COSINE_WARNING = 0.99
 RANDOM_SAMPLES = 2
-FP16_MAX = float(np.finfo(np.float16).max)
 DEQUANTIZE = "applec.DequantizeWeight"
 
 
@@ -51,7 +49,7 @@ def _rounded(value: float, digits: int = 6):
     return value if math.isinf(value) or math.isnan(value) else round(value, digits)
 
 
-def quantization_report(graph: Graph, cfg, precision: str) -> dict:
+def quantization_report(graph: Graph, cfg) -> dict:
     """The `quantization` section of report.json (see the module doc)."""
     from applec.passes._quant_calibration import run_observed
 
@@ -61,7 +59,6 @@ def quantization_report(graph: Graph, cfg, precision: str) -> dict:
                        for v in graph.inputs], seed) for seed in range(RANDOM_SAMPLES)]
     dequantizers = {id(n): n for n in graph.nodes if n.op_type == DEQUANTIZE}
     readers = {id(u): (u, n) for n in dequantizers.values() for u in n.outputs[0].users}
-    overflow: dict[str, float] = {}
     layer_noise: dict[str, list[float]] = {}
     floats, quants = [], []
 
@@ -69,12 +66,6 @@ def quantization_report(graph: Graph, cfg, precision: str) -> dict:
         return [node.meta["float_weight"]] if id(node) in dequantizers else None
 
     def watch(node: Node, inputs, outputs):
-        if calibrated:
-            for value, out in zip(node.outputs, outputs):
-                if out.dtype.kind == "f" and out.size:
-                    peak = float(np.max(np.abs(np.where(np.isfinite(out), out, 0))))
-                    if peak > FP16_MAX:
-                        overflow[value.name] = max(overflow.get(value.name, 0.0), peak)
         if id(node) in readers:
             dq = readers[id(node)][1]
             _layer_output_error(node, dq, inputs, outputs,
@@ -98,9 +89,6 @@ def quantization_report(graph: Graph, cfg, precision: str) -> dict:
                 if o.get("cosine", 1.0) < COSINE_WARNING]
     warnings += [f"output '{n}': {o['mismatch']:.1%} of its elements differ from the "
                  "unquantized model" for n, o in outputs.items() if o.get("mismatch", 0) > 0.01]
-    if overflow and precision == "fp16":
-        warnings.append(f"{len(overflow)} activation(s) exceed the fp16 range on the "
-                        "calibration data (see fp16_overflow); compile with --precision fp32")
     float_bytes = sum(r["float_bytes"] for r in cfg.layers.values())
     quant_bytes = sum(r["quantized_bytes"] for r in cfg.layers.values())
     return {
@@ -116,8 +104,6 @@ def quantization_report(graph: Graph, cfg, precision: str) -> dict:
         "outputs": outputs,
         "layers": layers,
         "skipped": dict(cfg.skipped),
-        "fp16_overflow": {k: _rounded(v, 1) for k, v in sorted(overflow.items())}
-        if calibrated else None,
         "warnings": warnings,
     }
 

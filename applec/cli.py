@@ -96,8 +96,13 @@ def compile(
         None, "--block-size", help="int4: input channels per scale (default 32)"),
     quantize_min_size: int | None = typer.Option(
         None, "--quantize-min-size", help="smallest weight quantized, in elements (2048)"),
+    quantize_embeddings: str | None = typer.Option(
+        None, "--quantize-embeddings",
+        help="embedding tables: int8 | int4 | palette4 | float (default: int8 under int4, "
+             "else the --quantize mode)"),
     calibration: Path | None = typer.Option(
-        None, "--calibration", help="FEEDS.npz of samples per input: GPTQ rounding"),
+        None, "--calibration",
+        help="FEEDS.npz of samples per input: GPTQ rounding, and fp16 safety"),
 ):
     """Compile MODEL.onnx into a bundle."""
     from .compiler import compile_model
@@ -106,6 +111,7 @@ def compile(
     shapes = dict(parse_shape_override(s) for s in shape)
     options = {"deployment_target": deployment_target, "quantize": quantize,
                "block_size": block_size, "quantize_min_size": quantize_min_size,
+               "quantize_embeddings": quantize_embeddings,
                "calibration": calibration}
     stages_done = []
 
@@ -120,6 +126,10 @@ def compile(
         summary = dict(result.summary(), passes=result.report["passes"])
         if "quantization" in result.report:
             summary["quantization"] = quantization_summary(result.report["quantization"])
+        if "fp16_safety" in result.report:
+            safety = result.report["fp16_safety"]
+            summary["fp16_safety"] = {"values": safety["values"],
+                                      "fp32_nodes": len(safety["fp32_nodes"])}
         emit_json(summary)
         return
     with err.status(f"compiling {model} for {target} ({precision})"):
@@ -143,12 +153,26 @@ def compile(
         err.print(f"[yellow]note:[/] {note}")
     if "quantization" in result.report:
         print_quantization(result.report["quantization"])
+    if "fp16_safety" in result.report:
+        print_fp16_safety(result.report["fp16_safety"])
 
 
 def quantization_summary(q: dict) -> dict:
     keys = ("mode", "block_size", "method", "inputs", "weights", "outputs", "warnings")
-    return dict({k: q[k] for k in keys}, skipped=len(q["skipped"]),
-                fp16_overflow=q["fp16_overflow"])
+    return dict({k: q[k] for k in keys}, skipped=len(q["skipped"]))
+
+
+def print_fp16_safety(safety: dict) -> None:
+    values, kept = safety["values"], safety["fp32_nodes"]
+    if not values:
+        out.print(f"fp16 safety: every activation fits fp16 on {safety['samples']} "
+                  "calibration sample(s)")
+        return
+    shown = ", ".join(f"{name} ({v['kind']} {v['peak']:g})"
+                      for name, v in list(values.items())[:4])
+    more = f" and {len(values) - 4} more" if len(values) > 4 else ""
+    out.print(f"fp16 safety: {len(values)} activation(s) fp16 cannot hold: {shown}{more}; "
+              f"{len(kept)} op(s) kept in fp32 (report.json: fp16_safety)")
 
 
 def print_quantization(q: dict) -> None:

@@ -49,12 +49,13 @@ def compile_model(model: str | Path, *, output: str | Path, target: str = "m2",
                   on_stage: Callable[[str, str], None] | None = None,
                   deployment_target: str | None = None, quantize: str | None = None,
                   block_size: int | None = None, quantize_min_size: int | None = None,
-                  calibration=None) -> CompileResult:
+                  quantize_embeddings: str | None = None, calibration=None) -> CompileResult:
     """Compile an ONNX file into a bundle at `output`; see the module doc for the stages.
 
     `deployment_target` overrides the profile's default CoreML target (one the chip
     supports). `quantize` (int8 | int4 | palette4) compresses large weights, see
-    docs/quantization.md; `calibration` is a .npz path or a mapping of input name -> samples.
+    docs/quantization.md; `calibration` is a .npz path or a mapping of input name -> samples:
+    GPTQ rounding for `quantize`, and fp16 safety (applec/fp16_safety.py) for fp16.
     """
     from applec.passes import run_pipeline
     from applec.passes._quant import make_config
@@ -65,10 +66,14 @@ def compile_model(model: str | Path, *, output: str | Path, target: str = "m2",
     if precision not in PRECISIONS:
         raise ApplecError(f"--precision must be one of {', '.join(PRECISIONS)}, "
                           f"not '{precision}'")
+    if calibration is not None and quantize is None and precision != "fp16":
+        raise ApplecError("--calibration without --quantize drives fp16 safety, which has "
+                          "nothing to do with --precision fp32")
     profile = load_profile(target)
     ct_target, deployment = _coreml_target(profile, deployment_target)
     quant = make_config(quantize, block_size=block_size, min_size=quantize_min_size,
                         calibration=calibration, precision=precision,
+                        embeddings=quantize_embeddings,
                         ios18=_is_ios18(ct_target),
                         target_text=f"target {profile.id} deploys to {deployment}")
     notify = on_stage or (lambda stage, detail: None)
@@ -86,9 +91,12 @@ def compile_model(model: str | Path, *, output: str | Path, target: str = "m2",
     with bundle.staged_directory(output) as staging:
         graph = import_model(model, shapes)
         lap("import", f"{len(graph.nodes)} nodes")
+        samples = None
+        if calibration is not None:
+            samples = load_calibration(calibration, graph.inputs)
         if quant is not None:
-            if calibration is not None:
-                quant.calibration = load_calibration(calibration, graph.inputs)
+            if samples is not None:
+                quant.calibration = samples
                 quant.calibration_source = str(calibration) \
                     if isinstance(calibration, (str, Path)) else "the given arrays"
             graph.meta["quantize"] = quant
@@ -98,9 +106,21 @@ def compile_model(model: str | Path, *, output: str | Path, target: str = "m2",
         if quant is not None:
             from .accuracy import quantization_report, release_float_weights
 
-            quantization = quantization_report(graph, quant, precision)
+            quantization = quantization_report(graph, quant)
             release_float_weights(graph)
             lap("accuracy", f"{len(quant.layers)} weights quantized ({quantize})")
+        fp16_safety = None
+        if precision == "fp16":
+            from .fp16_safety import find_unsafe, keep_in_fp32, static_unsafe
+
+            unsafe = static_unsafe(graph)
+            if samples is not None:
+                unsafe.update(find_unsafe(graph, samples))
+            if unsafe or samples is not None:
+                fp16_safety = keep_in_fp32(graph, unsafe)
+                fp16_safety["samples"] = len(samples or ())
+                lap("fp16", f"{len(fp16_safety['fp32_nodes'])} op(s) kept in fp32" +
+                    (f" ({len(samples)} calibration sample(s))" if samples else ""))
         partitions = [{"id": "p0", "backend": "coreml",
                        "artifact": "partitions/p0.mlpackage"}]
         lap("partition", "1 partition (coreml)")
@@ -119,6 +139,8 @@ def compile_model(model: str | Path, *, output: str | Path, target: str = "m2",
         report = _report(graph, pass_records, lowered, precision)
         if quantization is not None:
             _report_quantization(report, quantization, profile)
+        if fp16_safety is not None:
+            _report_fp16_safety(report, fp16_safety)
         manifest = bundle.finish(staging, manifest, report)
         lap("write", str(output))
     return CompileResult(output, manifest, report, seconds)
@@ -196,6 +218,19 @@ def _report(graph: Graph, pass_records, lowered, precision: str) -> dict:
         "nodes": nodes,
         "notes": sorted(set(lowered.notes) | set(graph.meta.get("notes", []))),
     }
+
+
+def _report_fp16_safety(report: dict, safety: dict) -> None:
+    """The fp16_safety section, and `precision` on each ONNX node kept in fp32."""
+    report["fp16_safety"] = safety
+    report["notes"] = sorted(set(report["notes"]) | set(safety["notes"]))
+    for record in safety["fp32_nodes"].values():
+        entry = report["nodes"].get(record["onnx_node"])
+        if entry is not None:
+            entry["precision"] = "fp32"
+            entry.setdefault("fp16_safety", [])
+            entry["fp16_safety"] += [w for w in record["because"]
+                                     if w not in entry["fp16_safety"]]
 
 
 def _report_quantization(report: dict, quantization: dict, profile) -> None:

@@ -19,7 +19,8 @@ sentences, from the same modules but never in the evaluation set, are the calibr
 Every configuration computes the embeddings of the evaluation set, compared with
 onnxruntime fp32 on the exported model:
 - applec bundles (m2, fp16), run by the reference executor: fp16, int8, int4 with block
-  32 and 128 with and without calibration (GPTQ), palette4 with and without calibration;
+  32 and 128 with and without calibration (GPTQ), palette4 with and without calibration
+  (under int4 the embedding table is int8 by default; one configuration makes it int4);
 - onnxruntime on quantized models: `quantize_dynamic` (int8 weights and activations,
   per-tensor, the MatMuls; the embedding table stays fp32) and `MatMulNBitsQuantizer`
   (4-bit weight-only MatMuls, blocks of 32/128: the default quantizer, which rounds to
@@ -225,6 +226,8 @@ def applec_config(onnx_path: Path, work: Path, name: str, feeds: dict, batch: in
 
 
 def ort_configs(onnx_path: Path, work: Path, only) -> dict[str, Path]:
+    import logging
+
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
@@ -232,6 +235,7 @@ def ort_configs(onnx_path: Path, work: Path, only) -> dict[str, Path]:
         MatMulNBitsQuantizer,
     )
 
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # a line per node
     paths = {}
     if want(only, "ort int8 dynamic"):
         paths["ort int8 dynamic"] = work / "ort_int8.onnx"
@@ -260,6 +264,8 @@ APPLEC = {
     "applec int8 +cal": {"quantize": "int8", "calibrate": True},
     "applec int4 b32": {"quantize": "int4", "block_size": 32},
     "applec int4 b32 +cal": {"quantize": "int4", "block_size": 32, "calibrate": True},
+    "applec int4 b32, int4 embedding": {"quantize": "int4", "block_size": 32,
+                                        "quantize_embeddings": "int4"},
     "applec int4 b128": {"quantize": "int4", "block_size": 128},
     "applec int4 b128 +cal": {"quantize": "int4", "block_size": 128, "calibrate": True},
     "applec palette4": {"quantize": "palette4"},

@@ -30,6 +30,7 @@ import numpy as np
 from applec.errors import ApplecError, TargetError
 
 MODES = ("int8", "int4", "palette4")
+EMBEDDING_MODES = MODES + ("float",)
 DEFAULT_BLOCK = 32
 DEFAULT_MIN_SIZE = 2048
 PALETTE_GROUP = 16          # output channels per LUT (coremltools' per_grouped_channel default)
@@ -54,6 +55,7 @@ class QuantizeConfig:
     min_size_forced: bool = False     # the user set --quantize-min-size
     float_dtype: Any = np.float16     # the program's float type: scales are rounded to it
     grouped_lut: bool = True          # iOS18 constexpr_lut_to_dense (else one LUT per tensor)
+    embeddings: str = ""              # mode for Gather tables ("float": keep them float)
     calibration: list[dict[str, np.ndarray]] | None = None
     calibration_source: str | None = None
     layers: dict[str, dict] = field(default_factory=dict)    # IR node -> what was done
@@ -79,12 +81,13 @@ class Quantized:
 
 def make_config(mode: str | None, *, block_size: int | None, min_size: int | None,
                 calibration, precision: str, ios18: bool,
-                target_text: str) -> QuantizeConfig | None:
+                target_text: str, embeddings: str | None = None) -> QuantizeConfig | None:
     """Check the --quantize options against each other and the target; None: no --quantize."""
     if mode is None:
+        # --calibration alone is fine: it drives fp16 safety (applec/fp16_safety.py)
         given = [name for name, v in (("--block-size", block_size),
                                       ("--quantize-min-size", min_size),
-                                      ("--calibration", calibration)) if v is not None]
+                                      ("--quantize-embeddings", embeddings)) if v is not None]
         if given:
             raise QuantizationError(f"{given[0]} needs --quantize int8|int4|palette4")
         return None
@@ -96,14 +99,19 @@ def make_config(mode: str | None, *, block_size: int | None, min_size: int | Non
         raise QuantizationError(f"--block-size must be a positive number, not {block_size}")
     if min_size is not None and min_size < 1:
         raise QuantizationError(f"--quantize-min-size must be at least 1, not {min_size}")
-    if mode == "int4" and not ios18:
-        raise TargetError(f"--quantize int4 stores block-wise weights "
+    if embeddings is not None and embeddings not in EMBEDDING_MODES:
+        raise QuantizationError(f"--quantize-embeddings must be one of "
+                                f"{', '.join(EMBEDDING_MODES)}, not '{embeddings}'")
+    embeddings = embeddings or ("int8" if mode == "int4" else mode)
+    if "int4" in (mode, embeddings) and not ios18:
+        option = "--quantize int4" if mode == "int4" else "--quantize-embeddings int4"
+        raise TargetError(f"{option} stores block-wise weights "
                           f"(constexpr_blockwise_shift_scale), which need macOS15/iOS18, but "
                           f"{target_text}: use --quantize int8 or palette4, or "
                           "--deployment-target macOS15")
     return QuantizeConfig(mode=mode, block_size=block_size or DEFAULT_BLOCK,
                           min_size=min_size or DEFAULT_MIN_SIZE,
-                          min_size_forced=min_size is not None,
+                          min_size_forced=min_size is not None, embeddings=embeddings,
                           float_dtype=np.float16 if precision == "fp16" else np.float32,
                           grouped_lut=ios18)
 

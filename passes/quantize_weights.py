@@ -9,6 +9,10 @@ Rules:
   applec.Linear(x, B^T), as MIL `linear` wants [out, in]), a Gemm's constant B (an
   applec.Linear when transA = 0 and C is a bias vector; otherwise the Gemm reads the
   dequantized B), or a Gather's constant 2-D table on axis 0 (an embedding);
+- embedding tables take `--quantize-embeddings` (default: int8 under int4, else the
+  --quantize mode): a gathered row goes into the model as it is, with none of the averaging
+  over K inputs that a linear layer's rounding errors get; on MiniLM an int4 table costs
+  7 of 416 nearest neighbours, an int8 one none (docs/quantization.md);
 - biases, norm parameters, smaller or non-float tensors are never quantized, nor a
   constant something else also reads (it would be stored twice);
 - int4 cuts each output channel's input dim into blocks of `--block-size` input channels
@@ -107,8 +111,16 @@ def eligible(graph: Graph, cfg: QuantizeConfig, site: Site) -> bool:
     return reason is None
 
 
+def site_mode(cfg: QuantizeConfig, site: Site) -> str:
+    """The mode for this weight: --quantize, or --quantize-embeddings for a Gather table."""
+    return cfg.embeddings if site.node.op_type == "Gather" else cfg.mode
+
+
 def refusal(graph: Graph, cfg: QuantizeConfig, site: Site) -> str | None:
     w, node = site.weight, site.node
+    mode = site_mode(cfg, site)
+    if mode == "float":
+        return "an embedding table: --quantize-embeddings float keeps them float"
     if w.dtype.kind != "f":
         return f"weight '{w.name}' is {w.dtype}, not float"
     if site.slot == 1 and node.inputs[0].dtype.kind != "f":
@@ -119,12 +131,12 @@ def refusal(graph: Graph, cfg: QuantizeConfig, site: Site) -> str | None:
             sum(v is w for v in node.inputs) > 1:
         return f"weight '{w.name}' is also read elsewhere (it would be stored twice)"
     canonical = canonical_shape(w.shape, site.out_axis)
-    if cfg.mode == "int4":
+    if mode == "int4":
         k = canonical[1] if len(canonical) > 1 else 1
         if k > cfg.block_size and k % cfg.block_size:
             return (f"input dim {k} of '{w.name}' is not a multiple of --block-size "
                     f"{cfg.block_size}")
-    if cfg.mode == "palette4":
+    if mode == "palette4":
         group = palette_group(canonical[0]) if cfg.grouped_lut else canonical[0]
         per_lut = group * (w.size // canonical[0])
         if per_lut < MIN_PER_LUT:
@@ -156,21 +168,22 @@ def quantize_site(graph: Graph, cfg: QuantizeConfig, site: Site, hessian) -> Non
     w2 = canonical.reshape(n, -1).astype(np.float32)
     inner = int(np.prod(canonical.shape[2:], dtype=np.int64))   # a Conv's kernel window
     block_channels = min(cfg.block_size, canonical.shape[1]) if canonical.ndim > 1 else 1
+    mode = site_mode(cfg, site)
     block = {"int8": w2.shape[1], "int4": block_channels * inner,
-             "palette4": palette_group(n) if cfg.grouped_lut else n}[cfg.mode]
+             "palette4": palette_group(n) if cfg.grouped_lut else n}[mode]
     q, method = None, "rtn"
     if hessian is not None:
         try:
-            q, method = quantize_gptq(cfg.mode, w2, block, cfg.float_dtype, hessian), "gptq"
+            q, method = quantize_gptq(mode, w2, block, cfg.float_dtype, hessian), "gptq"
         except np.linalg.LinAlgError:  # H not positive definite even damped: round instead
             method = "rtn (GPTQ failed: the input Hessian is singular)"
     if q is None:
-        q = quantize_rtn(cfg.mode, w2, block, cfg.float_dtype)
+        q = quantize_rtn(mode, w2, block, cfg.float_dtype)
     inputs = dq_inputs(q, canonical.shape, site.out_axis)
     dq = insert_dequantize(graph, site, inputs, q)
     dq.meta["float_weight"] = weight
     key = node.meta.get("onnx_node") or node.name   # what report.json lists nodes by
-    record = layer_record(cfg, site, q, method, source, dq, block_channels)
+    record = layer_record(cfg, mode, site, q, method, source, dq, block_channels)
     cfg.layers[key if key not in cfg.layers else node.name] = record
 
 
@@ -249,8 +262,8 @@ def replace_node(graph: Graph, node: Node, inputs: list[Value]) -> Node:
 
 
 # -- the record ----------------------------------------------------------------------------
-def layer_record(cfg: QuantizeConfig, site: Site, q: Quantized, method: str, source: str,
-                 dq: Node, block_channels: int) -> dict:
+def layer_record(cfg: QuantizeConfig, mode: str, site: Site, q: Quantized, method: str,
+                 source: str, dq: Node, block_channels: int) -> dict:
     weight = dq.meta["float_weight"]
     float_bytes = np.dtype(cfg.float_dtype).itemsize
     params = q.params.size * float_bytes
@@ -261,16 +274,16 @@ def layer_record(cfg: QuantizeConfig, site: Site, q: Quantized, method: str, sou
         "op_type": site.node.op_type,
         "weight": source,
         "shape": list(weight.shape),
-        "mode": cfg.mode,
+        "mode": mode,
         "method": method,
         "float_bytes": int(weight.size * float_bytes),
         "quantized_bytes": int((q.data.size * q.bits + 7) // 8 + params + offsets),
         "dequantize": dq.name,
     }
-    if cfg.mode == "int4":
+    if mode == "int4":
         blocks_per_channel = q.params.shape[1]
         record.update(block_size=block_channels, blockwise=blocks_per_channel > 1)
-    elif cfg.mode == "int8":
+    elif mode == "int8":
         record.update(granularity="per output channel")
     else:
         groups = q.params.shape[0]

@@ -164,9 +164,15 @@ def test_dynamic_quantized_mlp(tmp_path):
     got = run_bundle(tmp_path / "b", feeds)["y"]
     want = onnxruntime_outputs(tmp_path / "q.onnx", feeds)["y"]
     assert compare("y", got, want, "fp32").max_rel <= 1e-4
-    # fp16: the int32 accumulators onnxruntime's pattern casts to float overflow (inf)
+    # fp16: the int32 accumulators onnxruntime's pattern casts to float overflow fp16, so
+    # fp16 safety keeps each Cast and the Mul by the scales in fp32, without calibration
     result = applec.compile(tmp_path / "q.onnx", output=tmp_path / "b16", precision="fp16")
-    assert any("compile with --precision fp32" in n for n in result.report["notes"])
+    assert not any("compile with --precision fp32" in n for n in result.report["notes"])
+    kept = result.report["fp16_safety"]["fp32_nodes"].values()
+    assert sorted(r["op_type"] for r in kept) == ["Cast", "Cast", "Mul", "Mul"]
+    assert {v["kind"] for v in result.report["fp16_safety"]["values"].values()} == {"range"}
+    check = compare("y", run_bundle(tmp_path / "b16", feeds)["y"], want, "fp16")
+    assert check.cosine >= 0.999, check
 
 
 # -- hand-built QDQ weights -----------------------------------------------------------------

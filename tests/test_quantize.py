@@ -138,8 +138,10 @@ def test_mode_structure_and_numbers(models, name, mode):
                                     precision="fp32")
     nodes = result.report["nodes"]
     for onnx_node in QUANTIZED[name]:
-        assert nodes[onnx_node]["mil_ops"][0] == CONSTEXPR[mode], onnx_node
-        assert nodes[onnx_node]["quantization"]["mode"] == mode
+        # under int4 an embedding table is int8 by default (--quantize-embeddings)
+        want_mode = "int8" if (onnx_node, mode) == ("embed", "int4") else mode
+        assert nodes[onnx_node]["mil_ops"][0] == CONSTEXPR[want_mode], onnx_node
+        assert nodes[onnx_node]["quantization"]["mode"] == want_mode
     assert set(result.report["quantization"]["layers"]) == QUANTIZED[name]
     # an fp32 program decompresses to exactly the IR's numbers: only op order differs
     want = interpreter.run(quantized_ir(paths[name], mode), feeds)
@@ -281,7 +283,7 @@ def test_gptq_on_convolutions(models):
     assert layers["conv2"]["method"] == "gptq" and layers["conv3"]["method"] == "gptq"
 
 
-def test_fp16_overflow_is_reported(tmp_path):
+def test_fp16_overflow_is_kept_in_fp32_in_a_quantized_compile(tmp_path):
     b = GraphBuilder(4)
     h = b.op("MatMul", ["x", b.weight("w", (64, 64))], name="fc")
     b.op("Mul", [h, b.init("gain", np.float32(1e5))], name="y")
@@ -290,9 +292,32 @@ def test_fp16_overflow_is_reported(tmp_path):
     calibration = {"x": np.random.default_rng(0).standard_normal((3, 2, 64)).astype(np.float32)}
     result = applec.compile(path, output=tmp_path / "hot.bundle", quantize="int8",
                             quantize_min_size=64, calibration=calibration)
-    q = result.report["quantization"]
-    assert list(q["fp16_overflow"]) == ["y"] and q["fp16_overflow"]["y"] > 65504
-    assert any("fp16 range" in w for w in q["warnings"])
+    safety = result.report["fp16_safety"]
+    assert list(safety["values"]) == ["y"] and safety["values"]["y"]["peak"] > 65504
+    assert result.report["nodes"]["y"]["precision"] == "fp32"
+    got = applec.load(tmp_path / "hot.bundle").run({"x": calibration["x"][0]})["y"]
+    assert np.all(np.isfinite(got)) and np.abs(got).max() > 65504
+
+
+@pytest.mark.parametrize("embeddings, want", [(None, "int8"), ("int4", "int4"),
+                                               ("palette4", "palette4"), ("float", None)])
+def test_quantize_embeddings(models, embeddings, want):
+    root, paths = models
+    result, bundle = compile_bundle(root, paths["embedding"], f"emb_{embeddings}",
+                                    quantize="int4", quantize_embeddings=embeddings,
+                                    precision="fp32")
+    layers = result.report["quantization"]["layers"]
+    assert layers["project"]["mode"] == "int4"
+    if want is None:
+        assert "embed" not in layers
+        assert "--quantize-embeddings float" in \
+            result.report["quantization"]["skipped"]["embed"]
+    else:
+        assert layers["embed"]["mode"] == want
+    feeds = feeds_for("embedding")
+    reference = onnxruntime_outputs(paths["embedding"], feeds)
+    for output, value in reference.items():
+        assert cosine(bundle.run(feeds)[output], value) >= COSINE_FLOOR["int4"], output
 
 
 # -- impossible combinations: compile-time errors, exit code 2, no bundle ------------------
@@ -313,6 +338,11 @@ def tiny_model(path):
     (["--quantize", "int8", "--block-size", "64"], "--block-size applies to --quantize int4"),
     (["--quantize", "int4", "--block-size", "0"], "--block-size must be a positive number"),
     (["--quantize", "int8", "--deployment-target", "macOS99"], "m2 supports macOS12"),
+    (["--quantize-embeddings", "int8"], "--quantize-embeddings needs --quantize"),
+    (["--quantize", "int8", "--quantize-embeddings", "int2"],
+     "--quantize-embeddings must be one of int8, int4, palette4, float, not 'int2'"),
+    (["--quantize", "int8", "--quantize-embeddings", "int4", "--deployment-target", "macOS14"],
+     "--quantize-embeddings int4 stores block-wise weights"),
 ])
 def test_impossible_options_exit_2(tmp_path, capsys, args, message):
     model = tiny_model(tmp_path / "tiny.onnx")

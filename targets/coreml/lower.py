@@ -5,6 +5,11 @@ float constants are stored as fp16 (saturated to the fp16 range, so -1e9 masks s
 and float outputs are cast back to fp32. coremltools' default MIL pass pipeline is not run
 (`PassPipeline.EMPTY`): what we build is what the bundle holds, op for op.
 
+Mixed precision: a node whose `meta["precision"]` is "fp32" (set by fp16 safety, see
+applec/fp16_safety.py) is lowered with fp32 constants and parameters in an fp16 program;
+its float inputs are cast to fp32 and its fp32 results cast back to fp16 only where an fp16
+op reads them (`Lowerer.get`), so values passed between fp32 ops never go through fp16.
+
 Dtypes CoreML lacks are narrowed here: int64 (and other ints) become int32, with constants
 saturated to the int32 range and each saturation recorded; bool tensors may live inside
 the program but cross its boundary as int32.
@@ -81,6 +86,8 @@ class Lowerer:
         self.opset = opset  # a coremltools target (ct.target.iOS18, ...): rules may ask
         self.float_dtype = np.float16 if precision == "fp16" else np.float32
         self.vars: dict[int, object] = {}
+        self.consts: dict[tuple, object] = {}   # (IR value, float type) -> MIL const
+        self.casts: dict[tuple, object] = {}    # (IR value, fp16|fp32) -> MIL cast
         self.names: set[str] = set()
         self.notes: list[str] = []
         self.node: Node | None = None
@@ -139,18 +146,29 @@ class Lowerer:
         return array.astype(target)
 
     def get(self, value: Value):
-        """The MIL var (or constant array) for an IR value."""
+        """The MIL var (or constant array) for an IR value, in the current node's float type:
+        a float var of the other type is cast once, and the cast reused (mixed precision)."""
         if value.is_const:
-            key = id(value)
-            if key not in self.vars:
+            key = (id(value), np.dtype(self.float_dtype).name)
+            if key not in self.consts:
                 data = self.array(value.const, value.name)
-                self.vars[key] = self.mb.const(val=data, name=self.unique(value.name))
-            return self.vars[key]
+                self.consts[key] = self.mb.const(val=data, name=self.unique(value.name))
+            return self.consts[key]
         try:
-            return self.vars[id(value)]
+            var = self.vars[id(value)]
         except KeyError:
             raise ModelError(f"internal error: '{value.name}' lowered before it is defined") \
                 from None
+        if value.dtype.kind != "f" or self.precision == "fp32":
+            return var
+        want = "fp16" if self.float_dtype == np.float16 else "fp32"
+        if var.dtype.__name__ == want:
+            return var
+        key = (id(value), want)
+        if key not in self.casts:
+            self.casts[key] = self.mb.cast(x=var, dtype=want,
+                                           name=self.unique(f"{value.name}__{want}"))
+        return self.casts[key]
 
     def const(self, array, dtype=None):
         """A constant argument for a helper op (dtype as given, else narrowed)."""
@@ -181,6 +199,7 @@ def lower_to_program(graph: Graph, precision: str, opset) -> Lowered:
     from .rules import RULES
 
     lw = Lowerer(graph, precision, opset)
+    keep_fp32 = graph.meta.get("fp32_inputs", set())   # fp16 safety: inputs fp16 cannot hold
     specs, inputs = {}, []
     for value in graph.inputs:
         feature = lw.unique(value.name)
@@ -200,7 +219,7 @@ def lower_to_program(graph: Graph, precision: str, opset) -> Lowered:
             want = lw.mil_dtype_name(value.dtype)
             if not value.shape:
                 var = mb.squeeze(x=var, name=lw.unique(port.feature + "__scalar"))
-            if want != port.dtype:
+            if want != port.dtype and value.name not in keep_fp32:
                 var = mb.cast(x=var, dtype=want, name=lw.unique(port.feature + "__in"))
             lw.vars[id(value)] = var
         for node in graph.nodes:
@@ -211,7 +230,8 @@ def lower_to_program(graph: Graph, precision: str, opset) -> Lowered:
         outputs, out_vars = [], []
         for feature, value in zip(out_features, graph.outputs):
             boundary = BOUNDARY[value.dtype.kind]
-            var = lw.get(value)
+            # as computed: an fp32 result (fp16 safety) goes out without an fp16 round trip
+            var = lw.vars[id(value)] if id(value) in lw.vars else lw.get(value)
             shape = value.shape or (1,)
             cast = var.dtype != getattr(types, boundary)
             if not value.shape:
@@ -236,6 +256,9 @@ def lower_node(lw: Lowerer, node: Node, rules) -> None:
         raise UnsupportedOpError(f"op {node.op_type} (node '{node.name}') has no "
                                  "CoreML lowering")
     outer, lw.node = lw.node, node
+    program_dtype = lw.float_dtype
+    if node.meta.get("precision") == "fp32":   # fp16 safety: this op computes in fp32
+        lw.float_dtype = np.float32
     try:
         rule(lw, node)
     except ApplecError:
@@ -246,6 +269,7 @@ def lower_node(lw: Lowerer, node: Node, rules) -> None:
                             f"CoreML: {text} (an applec bug: please report it)") from exc
     finally:
         lw.node = outer
+        lw.float_dtype = program_dtype
 
 
 # -- .mlpackage writing ------------------------------------------------------------------

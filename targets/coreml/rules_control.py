@@ -37,7 +37,8 @@ def _branch_fn(lw, node, key, bound):
     branch = node.attrs[key]
 
     def build():
-        saved = dict(lw.vars)
+        # vars, consts and casts made inside the branch's block are not visible outside it
+        saved = dict(lw.vars), dict(lw.consts), dict(lw.casts)
         try:
             for placeholder, outer in zip(branch.inputs, bound[key]):
                 lw.vars[id(placeholder)] = lw.get(outer)
@@ -52,6 +53,6 @@ def _branch_fn(lw, node, key, bound):
                 outputs.append(var)
             return tuple(outputs)
         finally:
-            lw.vars = saved
+            lw.vars, lw.consts, lw.casts = saved
 
     return build

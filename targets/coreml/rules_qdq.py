@@ -213,6 +213,7 @@ def note_limits(lw, node, products: int, x_bound: int, w_bound: int) -> None:
                         f"partial sums stay below 2^24; the worst case here is {worst:.3g} "
                         f"({products} products of integers up to {x_bound} and {w_bound})")
     to_float = any(u.op_type in ("Cast", "CastLike") and u.outputs[0].dtype.kind == "f"
+                   and u.meta.get("precision") != "fp32"   # fp16 safety took care of it
                    for u in node.outputs[0].users)
     if lw.float_dtype == np.float16 and to_float and worst > FP16_MAX:
         lw.notes.append(f"{node.op_type} node '{node.name}': its int32 result is cast to "
