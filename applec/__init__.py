@@ -16,7 +16,7 @@ from .errors import ApplecError  # noqa: E402
 
 def compile(model, *, output, target="m2", precision="fp16", shapes=None, on_stage=None,
             deployment_target=None, quantize=None, block_size=None, quantize_min_size=None,
-            quantize_embeddings=None, calibration=None):
+            quantize_embeddings=None, calibration=None, disable_passes=None):
     """Compile an ONNX file to a bundle; returns a `CompileResult`. `quantize`: int8, int4
     or palette4 weights (docs/quantization.md)."""
     from .compiler import compile_model
@@ -25,7 +25,8 @@ def compile(model, *, output, target="m2", precision="fp16", shapes=None, on_sta
                          shapes=shapes, on_stage=on_stage, deployment_target=deployment_target,
                          quantize=quantize, block_size=block_size,
                          quantize_min_size=quantize_min_size,
-                         quantize_embeddings=quantize_embeddings, calibration=calibration)
+                         quantize_embeddings=quantize_embeddings, calibration=calibration,
+                         disable_passes=disable_passes)
 
 
 def load(bundle, *, backend="auto", compute_units="all"):

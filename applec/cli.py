@@ -100,6 +100,9 @@ def compile(
         None, "--quantize-embeddings",
         help="embedding tables: int8 | int4 | palette4 | float (default: int8 under int4, "
              "else the --quantize mode)"),
+    disable_pass: list[str] = typer.Option(
+        [], "--disable-pass",
+        help="skip a pass (repeatable; 'fusions' skips every fuse_* pass)"),
     calibration: Path | None = typer.Option(
         None, "--calibration",
         help="FEEDS.npz of samples per input: GPTQ rounding, and fp16 safety"),
@@ -111,7 +114,7 @@ def compile(
     shapes = dict(parse_shape_override(s) for s in shape)
     options = {"deployment_target": deployment_target, "quantize": quantize,
                "block_size": block_size, "quantize_min_size": quantize_min_size,
-               "quantize_embeddings": quantize_embeddings,
+               "quantize_embeddings": quantize_embeddings, "disable_passes": disable_pass,
                "calibration": calibration}
     stages_done = []
 

@@ -49,15 +49,17 @@ def compile_model(model: str | Path, *, output: str | Path, target: str = "m2",
                   on_stage: Callable[[str, str], None] | None = None,
                   deployment_target: str | None = None, quantize: str | None = None,
                   block_size: int | None = None, quantize_min_size: int | None = None,
-                  quantize_embeddings: str | None = None, calibration=None) -> CompileResult:
+                  quantize_embeddings: str | None = None, calibration=None,
+                  disable_passes=None) -> CompileResult:
     """Compile an ONNX file into a bundle at `output`; see the module doc for the stages.
 
     `deployment_target` overrides the profile's default CoreML target (one the chip
     supports). `quantize` (int8 | int4 | palette4) compresses large weights, see
     docs/quantization.md; `calibration` is a .npz path or a mapping of input name -> samples:
     GPTQ rounding for `quantize`, and fp16 safety (applec/fp16_safety.py) for fp16.
+    `disable_passes` names passes to skip ("fusions": every fuse_* pass).
     """
-    from applec.passes import run_pipeline
+    from applec.passes import pipeline_without, run_pipeline
     from applec.passes._quant import make_config
     from applec.passes._quant_calibration import load_calibration
     from applec.targets.coreml import lower_to_program, write_mlpackage
@@ -66,6 +68,7 @@ def compile_model(model: str | Path, *, output: str | Path, target: str = "m2",
     if precision not in PRECISIONS:
         raise ApplecError(f"--precision must be one of {', '.join(PRECISIONS)}, "
                           f"not '{precision}'")
+    pipeline = pipeline_without(disable_passes)
     if calibration is not None and quantize is None and precision != "fp16":
         raise ApplecError("--calibration without --quantize drives fp16 safety, which has "
                           "nothing to do with --precision fp32")
@@ -100,7 +103,7 @@ def compile_model(model: str | Path, *, output: str | Path, target: str = "m2",
                 quant.calibration_source = str(calibration) \
                     if isinstance(calibration, (str, Path)) else "the given arrays"
             graph.meta["quantize"] = quant
-        pass_records = run_pipeline(graph)
+        pass_records = run_pipeline(graph, pipeline)
         lap("optimize", f"{len(graph.nodes)} nodes after passes")
         quantization = None
         if quant is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from applec.errors import ModelError
+from applec.errors import ApplecError, ModelError
 from applec.ir import Graph
 
 from . import (
@@ -73,6 +73,27 @@ PIPELINE: list[tuple[str, PassFn]] = [
     ("quantize_weights", quantize_weights.run),
     ("eliminate_dead_code", eliminate_dead_code.run),
 ]
+
+
+# passes a user may switch off (`applec compile --disable-pass NAME`, or "fusions" for every
+# fuse_* pass): to compare against an unfused compile, or to step around a pass's bug.
+# Folding stays: lowering needs the constants it makes.
+OPTIONAL = frozenset(name for name, _ in PIPELINE
+                     if name.startswith(("fuse_", "eliminate_")) or name == "sum_to_mean")
+
+
+def pipeline_without(disabled) -> list[tuple[str, PassFn]]:
+    """PIPELINE minus the passes named in `disabled` ("fusions": every fuse_* pass)."""
+    names = set()
+    for name in disabled or ():
+        if name == "fusions":
+            names |= {n for n in OPTIONAL if n.startswith("fuse_")}
+        elif name in OPTIONAL:
+            names.add(name)
+        else:
+            raise ApplecError(f"--disable-pass {name}: not a pass that can be disabled; "
+                              f"choose from fusions, {', '.join(sorted(OPTIONAL))}")
+    return [(name, fn) for name, fn in PIPELINE if name not in names]
 
 
 def run_pipeline(graph: Graph, pipeline=None, max_rounds: int = 4) -> list[dict]:

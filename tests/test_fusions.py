@@ -13,6 +13,7 @@ import pytest
 from conftest import seeded
 from onnx import TensorProto
 
+import applec
 from applec import interpreter, testing
 from applec.errors import ShapeError
 from applec.ir import Graph
@@ -604,3 +605,41 @@ def test_sum_to_mean_near_misses(tmp_path):
     unfused, fused, rewrites = pipelines(tmp_path, proto)
     assert rewrites["sum_to_mean"] == 0
     assert fused.op_counts()["ReduceSum"] == 2
+
+
+# -- --disable-pass: the fused bundle against the unfused one -------------------------------
+def test_fused_bundle_matches_unfused_bundle(tmp_path):
+    """Both fp32 bundles through the reference executor: same numbers (<= 1e-4), and only
+    the fused one holds layer_norm's decomposition as one op, gelu and sdpa."""
+    path = tmp_path / "block.onnx"
+    onnx.save(testing.transformer_block(), path)
+    mask = np.ones((2, 8), np.int64)
+    mask[1, 5:] = 0
+    feeds = {"hidden": seeded((2, 8, 32)), "attention_mask": mask}
+    outputs, ops = {}, {}
+    for variant, disabled in (("fused", None), ("unfused", ["fusions"])):
+        result = applec.compile(path, output=tmp_path / variant, target="m4", precision="fp32",
+                                shapes=TRANSFORMER_SHAPES, disable_passes=disabled)
+        outputs[variant] = applec.load(tmp_path / variant, backend="reference").run(feeds)
+        ops[variant] = [op for e in result.report["nodes"].values() for op in e.get("mil_ops", [])]
+        ran = {r["pass"] for r in result.report["passes"]}
+        assert ("fuse_gelu" in ran) == (disabled is None)
+    for name, want in outputs["unfused"].items():
+        got = outputs["fused"][name]
+        assert np.max(np.abs(got - want)) / np.max(np.abs(want)) <= 1e-4, name
+    for op in ("gelu", "scaled_dot_product_attention", "layer_norm"):
+        assert ops["fused"].count(op) >= 1 and ops["unfused"].count(op) == 0, op
+    assert "softmax" in ops["unfused"] and "softmax" not in ops["fused"]
+
+
+def test_disable_pass_names_the_choices(tmp_path, capsys):
+    from applec.cli import main
+
+    path = tmp_path / "block.onnx"
+    onnx.save(testing.transformer_block(), path)
+    assert main(["compile", str(path), "-o", str(tmp_path / "b"),
+                 "--disable-pass", "fold_constants"]) == 2
+    err = capsys.readouterr().err
+    assert "--disable-pass fold_constants: not a pass that can be disabled; choose from " \
+           "fusions, eliminate_common_subexpressions" in err
+    assert not (tmp_path / "b").exists()
