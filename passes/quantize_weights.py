@@ -12,7 +12,7 @@ Rules:
 - embedding tables take `--quantize-embeddings` (default: int8 under int4, else the
   --quantize mode): a gathered row goes into the model as it is, with none of the averaging
   over K inputs that a linear layer's rounding errors get; on MiniLM an int4 table costs
-  7 of 416 nearest neighbours, an int8 one none (docs/quantization.md);
+  6 of 416 sentences their nearest neighbour for 5.9 MB (docs/quantization.md);
 - biases, norm parameters, smaller or non-float tensors are never quantized, nor a
   constant something else also reads (it would be stored twice);
 - int4 cuts each output channel's input dim into blocks of `--block-size` input channels
