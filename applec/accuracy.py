@@ -49,8 +49,9 @@ def _rounded(value: float, digits: int = 6):
     return value if math.isinf(value) or math.isnan(value) else round(value, digits)
 
 
-def quantization_report(graph: Graph, cfg) -> dict:
-    """The `quantization` section of report.json (see the module doc)."""
+def quantization_report(graph: Graph, cfg, fp16_watch=None) -> dict:
+    """The `quantization` section of report.json (see the module doc). `fp16_watch`
+    (an applec.fp16_safety.Watch) observes the quantized runs on the calibration samples."""
     from applec.passes._quant_calibration import run_observed
 
     calibrated = bool(cfg.calibration)
@@ -75,7 +76,11 @@ def quantization_report(graph: Graph, cfg) -> dict:
 
     for feeds in samples:
         floats.append(run_observed(graph, feeds, watch, replace=float_weight))
-        quants.append(interpreter.run(graph, feeds))
+        if fp16_watch is not None and calibrated:
+            fp16_watch.feed(graph, feeds)
+            quants.append(run_observed(graph, feeds, fp16_watch))
+        else:
+            quants.append(interpreter.run(graph, feeds))
     outputs = {v.name: _compare(v.name, floats, quants) for v in graph.outputs}
     layers = {}
     for name, record in cfg.layers.items():

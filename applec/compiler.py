@@ -106,10 +106,15 @@ def compile_model(model: str | Path, *, output: str | Path, target: str = "m2",
         pass_records = run_pipeline(graph, pipeline)
         lap("optimize", f"{len(graph.nodes)} nodes after passes")
         quantization = None
+        watch = None
+        if samples is not None and precision == "fp16":
+            from .fp16_safety import Watch
+
+            watch = Watch()   # fed by the accuracy report's run when there is one
         if quant is not None:
             from .accuracy import quantization_report, release_float_weights
 
-            quantization = quantization_report(graph, quant)
+            quantization = quantization_report(graph, quant, watch)
             release_float_weights(graph)
             lap("accuracy", f"{len(quant.layers)} weights quantized ({quantize})")
         fp16_safety = None
@@ -118,7 +123,7 @@ def compile_model(model: str | Path, *, output: str | Path, target: str = "m2",
 
             unsafe = static_unsafe(graph)
             if samples is not None:
-                unsafe.update(find_unsafe(graph, samples))
+                unsafe.update(find_unsafe(graph, samples, watch))
             if unsafe or samples is not None:
                 fp16_safety = keep_in_fp32(graph, unsafe)
                 fp16_safety["samples"] = len(samples or ())

@@ -60,37 +60,49 @@ def _accumulator_worst_case(node: Node) -> float:
     return float(products) * 255 * 255
 
 
-def find_unsafe(graph: Graph, samples: list[dict[str, np.ndarray]]) -> dict[str, dict]:
-    """Float values (by name) that fp16 cannot hold on `samples`: {name: {kind, peak}}."""
-    from applec.passes._quant_calibration import run_observed
+class Watch:
+    """The peak |x| of every float value over the samples it is shown: graph inputs with
+    `feed`, node outputs as a `run_observed` observer (the accuracy report's quantized run
+    shows it the same graph on the same samples, so it needs no run of its own)."""
 
-    peaks: dict[str, float] = {}
-    nonzero: set[str] = set()
+    def __init__(self) -> None:
+        self.peaks: dict[str, float] = {}
+        self.samples = 0
 
-    def record(value: Value, array) -> None:
+    def feed(self, graph: Graph, feeds: dict[str, np.ndarray]) -> None:
+        self.samples += 1
+        for value in graph.inputs:
+            self._record(value, feeds[value.name])
+
+    def __call__(self, node: Node, inputs, outputs) -> None:
+        for value, out in zip(node.outputs, outputs):
+            self._record(value, out)
+
+    def _record(self, value: Value, array) -> None:
         array = np.asarray(array)
         if array.dtype.kind != "f" or not array.size:
             return
-        magnitude = np.abs(array[np.isfinite(array)]) if not np.all(np.isfinite(array)) \
-            else np.abs(array)
-        peak = float(magnitude.max()) if magnitude.size else 0.0
-        peaks[value.name] = max(peaks.get(value.name, 0.0), peak)
-        if peak > 0:
-            nonzero.add(value.name)
+        finite = array if np.all(np.isfinite(array)) else array[np.isfinite(array)]
+        peak = float(np.max(np.abs(finite))) if finite.size else 0.0
+        self.peaks[value.name] = max(self.peaks.get(value.name, 0.0), peak)
 
-    def observe(node: Node, inputs, outputs) -> None:
-        for value, out in zip(node.outputs, outputs):
-            record(value, out)
 
-    for feeds in samples:
-        for value in graph.inputs:
-            record(value, feeds[value.name])
-        run_observed(graph, feeds, observe)
+def find_unsafe(graph: Graph, samples: list[dict[str, np.ndarray]],
+                watch: Watch | None = None) -> dict[str, dict]:
+    """Float values (by name) that fp16 cannot hold on `samples`: {name: {kind, peak}}.
+    A `watch` already shown the samples is read as it is."""
+    from applec.passes._quant_calibration import run_observed
+
+    if watch is None or not watch.samples:
+        watch = Watch()
+        for feeds in samples:
+            watch.feed(graph, feeds)
+            run_observed(graph, feeds, watch)
     unsafe = {}
-    for name, peak in peaks.items():
+    for name, peak in watch.peaks.items():
         if peak > FP16_MAX:
             unsafe[name] = {"kind": "overflow", "peak": float(f"{peak:.4g}")}
-        elif name in nonzero and peak < FP16_TINY:
+        elif 0 < peak < FP16_TINY:
             unsafe[name] = {"kind": "underflow", "peak": float(f"{peak:.4g}")}
     return unsafe
 

@@ -127,12 +127,7 @@ class Graph:
     # -- naming -------------------------------------------------------------------------
     def fresh_name(self, base: str) -> str:
         """A value or node name not used yet in this graph, derived from `base`."""
-        name, i = base, 0
-        while name in self._names:
-            i += 1
-            name = f"{base}_{i}"
-        self._names.add(name)
-        return name
+        return unique_name(base, self._names)
 
     def reserve_name(self, name: str) -> None:
         self._names.add(name)
@@ -249,3 +244,13 @@ class Graph:
         lines += [f"  {node!r}" for node in self.nodes]
         lines.append(f"}} -> ({', '.join(v.name for v in self.outputs)})")
         return "\n".join(lines)
+
+
+def unique_name(base: str, taken: set[str]) -> str:
+    """`base`, or `base_1`, `base_2`, ...: the first not in `taken`, which then holds it."""
+    name, i = base, 0
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    taken.add(name)
+    return name

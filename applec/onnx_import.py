@@ -30,7 +30,7 @@ from onnx import helper, numpy_helper
 
 from . import control_flow, ops
 from .errors import ModelError, ShapeError, UnsupportedOpError
-from .ir import Graph, Node, Value
+from .ir import Graph, Node, Value, unique_name
 
 ONNX_DOMAINS = ("", "ai.onnx")
 
@@ -319,12 +319,7 @@ class _Builder:
         name = proto.name or f"{self.prefix}{proto.op_type}_{index}"
         if name in self.report_names:
             name = f"{self.prefix}{name}"
-        base, i = name, 0
-        while name in self.report_names:
-            i += 1
-            name = f"{base}_{i}"
-        self.report_names.add(name)
-        return name
+        return unique_name(name, self.report_names)
 
     def _node(self, proto: onnx.NodeProto, index: int) -> None:
         name = self._report_name(proto, index)

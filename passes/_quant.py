@@ -61,10 +61,6 @@ class QuantizeConfig:
     layers: dict[str, dict] = field(default_factory=dict)    # IR node -> what was done
     skipped: dict[str, str] = field(default_factory=dict)    # IR node -> why not
 
-    @property
-    def bits(self) -> int:
-        return 8 if self.mode == "int8" else 4
-
 
 @dataclass
 class Quantized:

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from applec.errors import ApplecError, LoweringError, ModelError, UnsupportedOpError
-from applec.ir import Graph, Node, Value
+from applec.ir import Graph, Node, Value, unique_name
 
 FP16_MAX = float(np.finfo(np.float16).max)
 INT32_MIN, INT32_MAX = np.iinfo(np.int32).min, np.iinfo(np.int32).max
@@ -99,12 +99,7 @@ class Lowerer:
             name = "v_" + name
         if name in MIL_RESERVED:  # coremltools would rename it behind the manifest's back
             name += "_"
-        candidate, i = name, 0
-        while candidate in self.names:
-            i += 1
-            candidate = f"{name}_{i}"
-        self.names.add(candidate)
-        return candidate
+        return unique_name(name, self.names)
 
     def tmp(self, suffix: str) -> str:
         """A fresh name for a helper op of the current node."""

@@ -40,7 +40,6 @@ from .rules import explicit_pads, rule, unsupported
 
 MIL_FLOAT = {np.dtype(np.float16): "fp16", np.dtype(np.float32): "fp32"}
 EXACT_FP32_SUM = 1 << 24
-FP16_MAX = float(np.finfo(np.float16).max)
 
 
 def opset_at_least(lw, name: str) -> bool:
@@ -205,20 +204,13 @@ def bound(value, zero, zero_shape) -> int:
 
 
 def note_limits(lw, node, products: int, x_bound: int, w_bound: int) -> None:
-    """Notes where the worst case leaves exact arithmetic: fp32 sums past 2^24, and (fp16
-    programs) the int32 result cast to a float beyond fp16's 65504."""
+    """A note where the worst case leaves exact arithmetic: fp32 sums past 2^24. (An int32
+    result cast to float beyond fp16's range is kept in fp32 by applec/fp16_safety.py.)"""
     worst = products * x_bound * w_bound
     if worst >= EXACT_FP32_SUM:
         lw.notes.append(f"{node.op_type} node '{node.name}': computed in fp32, exact while "
                         f"partial sums stay below 2^24; the worst case here is {worst:.3g} "
                         f"({products} products of integers up to {x_bound} and {w_bound})")
-    to_float = any(u.op_type in ("Cast", "CastLike") and u.outputs[0].dtype.kind == "f"
-                   and u.meta.get("precision") != "fp32"   # fp16 safety took care of it
-                   for u in node.outputs[0].users)
-    if lw.float_dtype == np.float16 and to_float and worst > FP16_MAX:
-        lw.notes.append(f"{node.op_type} node '{node.name}': its int32 result is cast to "
-                        "float, and fp16 overflows beyond 65504 (worst case here "
-                        f"{worst:.3g}): compile with --precision fp32")
 
 
 @rule("ConvInteger")
