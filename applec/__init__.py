@@ -16,7 +16,8 @@ from .errors import ApplecError  # noqa: E402
 
 def compile(model, *, output, target="m2", precision="fp16", shapes=None, on_stage=None,
             deployment_target=None, quantize=None, block_size=None, quantize_min_size=None,
-            quantize_embeddings=None, calibration=None, disable_passes=None):
+            quantize_embeddings=None, calibration=None, disable_passes=None,
+            fp16_check=True):
     """Compile an ONNX file to a bundle; returns a `CompileResult`. `quantize`: int8, int4
     or palette4 weights (docs/quantization.md)."""
     from .compiler import compile_model
@@ -26,7 +27,7 @@ def compile(model, *, output, target="m2", precision="fp16", shapes=None, on_sta
                          quantize=quantize, block_size=block_size,
                          quantize_min_size=quantize_min_size,
                          quantize_embeddings=quantize_embeddings, calibration=calibration,
-                         disable_passes=disable_passes)
+                         disable_passes=disable_passes, fp16_check=fp16_check)
 
 
 def load(bundle, *, backend="auto", compute_units="all"):

@@ -106,6 +106,10 @@ def compile(
     calibration: Path | None = typer.Option(
         None, "--calibration",
         help="FEEDS.npz of samples per input: GPTQ rounding, and fp16 safety"),
+    fp16_check: bool = typer.Option(
+        True, "--fp16-check/--no-fp16-check",
+        help="fp16 without --calibration: check activation ranges on a random input and "
+             "keep what fp16 cannot hold in fp32"),
 ):
     """Compile MODEL.onnx into a bundle."""
     from .compiler import compile_model
@@ -115,7 +119,7 @@ def compile(
     options = {"deployment_target": deployment_target, "quantize": quantize,
                "block_size": block_size, "quantize_min_size": quantize_min_size,
                "quantize_embeddings": quantize_embeddings, "disable_passes": disable_pass,
-               "calibration": calibration}
+               "calibration": calibration, "fp16_check": fp16_check}
     stages_done = []
 
     def on_stage(stage: str, detail: str) -> None:
@@ -168,13 +172,17 @@ def quantization_summary(q: dict) -> dict:
 def print_fp16_safety(safety: dict) -> None:
     values, kept = safety["values"], safety["fp32_nodes"]
     if not values:
-        out.print(f"fp16 safety: every activation fits fp16 on {safety['samples']} "
-                  "calibration sample(s)")
+        if safety["source"] == "calibration":
+            out.print(f"fp16 safety: every activation fits fp16 on {safety['samples']} "
+                      "calibration sample(s)")
         return
     shown = ", ".join(f"{name} ({v['kind']} {v['peak']:g})"
                       for name, v in list(values.items())[:4])
     more = f" and {len(values) - 4} more" if len(values) > 4 else ""
-    out.print(f"fp16 safety: {len(values)} activation(s) fp16 cannot hold: {shown}{more}; "
+    on = {"calibration": f" on {safety['samples']} calibration sample(s)",
+          "random": f" on {safety['samples']} random sample(s); --calibration checks real "
+                    "data"}.get(safety["source"], "")
+    out.print(f"fp16 safety: {len(values)} activation(s) fp16 cannot hold{on}: {shown}{more}; "
               f"{len(kept)} op(s) kept in fp32 (report.json: fp16_safety)")
 
 

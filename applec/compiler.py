@@ -50,14 +50,16 @@ def compile_model(model: str | Path, *, output: str | Path, target: str = "m2",
                   deployment_target: str | None = None, quantize: str | None = None,
                   block_size: int | None = None, quantize_min_size: int | None = None,
                   quantize_embeddings: str | None = None, calibration=None,
-                  disable_passes=None) -> CompileResult:
+                  disable_passes=None, fp16_check: bool = True) -> CompileResult:
     """Compile an ONNX file into a bundle at `output`; see the module doc for the stages.
 
     `deployment_target` overrides the profile's default CoreML target (one the chip
     supports). `quantize` (int8 | int4 | palette4) compresses large weights, see
     docs/quantization.md; `calibration` is a .npz path or a mapping of input name -> samples:
     GPTQ rounding for `quantize`, and fp16 safety (applec/fp16_safety.py) for fp16.
-    `disable_passes` names passes to skip ("fusions": every fuse_* pass).
+    `disable_passes` names passes to skip ("fusions": every fuse_* pass). An fp16 compile
+    without calibration checks activation ranges on seeded random inputs instead, unless
+    `fp16_check` is False (see applec/fp16_safety.py).
     """
     from applec.passes import pipeline_without, run_pipeline
     from applec.passes._quant import make_config
@@ -119,16 +121,14 @@ def compile_model(model: str | Path, *, output: str | Path, target: str = "m2",
             lap("accuracy", f"{len(quant.layers)} weights quantized ({quantize})")
         fp16_safety = None
         if precision == "fp16":
-            from .fp16_safety import find_unsafe, keep_in_fp32, static_unsafe
+            from .fp16_safety import check_ranges
 
-            unsafe = static_unsafe(graph)
-            if samples is not None:
-                unsafe.update(find_unsafe(graph, samples, watch))
-            if unsafe or samples is not None:
-                fp16_safety = keep_in_fp32(graph, unsafe)
-                fp16_safety["samples"] = len(samples or ())
-                lap("fp16", f"{len(fp16_safety['fp32_nodes'])} op(s) kept in fp32" +
-                    (f" ({len(samples)} calibration sample(s))" if samples else ""))
+            fp16_safety = check_ranges(graph, samples, watch, random_check=fp16_check)
+            if fp16_safety is not None:
+                source = {"calibration": " calibration", "random": " random"}.get(
+                    fp16_safety["source"], "")
+                lap("fp16", f"{len(fp16_safety['fp32_nodes'])} op(s) kept in fp32 "
+                    f"({fp16_safety['samples']}{source} sample(s))")
         partitions = [{"id": "p0", "backend": "coreml",
                        "artifact": "partitions/p0.mlpackage"}]
         lap("partition", "1 partition (coreml)")

@@ -5,9 +5,10 @@ Always, for fp16 programs: the int32 result of MatMulInteger/ConvInteger cast to
 K products of 8-bit integers, far beyond 65504 for any real K; the Cast and what reads it
 compute in fp32, and the value comes back to fp16 after the scale.
 
-With `--calibration FEEDS.npz` and `--precision fp16` (the default), the interpreter runs
-the final IR (after the passes, quantized weights included) on the calibration samples and
-watches every float activation:
+For fp16 programs the interpreter runs the final IR (after the passes, quantized weights
+included) on the `--calibration FEEDS.npz` samples, or without them on RANDOM_SAMPLES
+seeded random inputs (floats N(0, 1), integers in [0, 10): `applec.validate.random_inputs`;
+`--no-fp16-check` skips this), and watches every float activation:
 - overflow: |x| > 65504 somewhere (fp16 would make it inf, and inf - inf NaN downstream);
 - underflow: the value is not all zero, but every element is below fp16's smallest
   subnormal (2^-24), so fp16 flushes all of it to zero.
@@ -34,6 +35,42 @@ CANNOT_PROMOTE = frozenset({"If", "Loop", "Scan"})   # bodies are lowered as the
 
 
 INTEGER_ACCUMULATORS = frozenset({"MatMulInteger", "ConvInteger"})
+RANDOM_SAMPLES = 1   # the data-free check: a range check, not a statistic
+
+
+def check_ranges(graph: Graph, samples: list[dict] | None, watch: Watch | None = None,
+                 random_check: bool = True) -> dict | None:
+    """Find what an fp16 program of `graph` cannot hold and mark it fp32 (`keep_in_fp32`);
+    the report section, with `samples` and their `source` ("calibration", "random", or
+    "none" when only the static rule ran), or None when nothing was checked.
+    Random inputs the graph cannot run (an index out of range, say) skip the check with a
+    note: they are a guess at valid inputs, calibration samples are not."""
+    from .validate import random_inputs
+
+    unsafe = static_unsafe(graph)
+    notes, source = [], "none"
+    if samples is not None:
+        unsafe.update(find_unsafe(graph, samples, watch))
+        source = "calibration"
+    elif random_check:
+        specs = [{"name": v.name, "dtype": v.dtype.name, "shape": list(v.shape)}
+                 for v in graph.inputs]
+        if all(isinstance(d, int) for spec in specs for d in spec["shape"]):
+            samples = [random_inputs(specs, seed) for seed in range(RANDOM_SAMPLES)]
+            try:
+                unsafe.update(find_unsafe(graph, samples))
+                source = "random"
+            except Exception as error:  # noqa: BLE001 - a guess at inputs that did not fit
+                samples = None
+                first = (str(error).splitlines() or [type(error).__name__])[0]
+                notes.append("fp16 range check skipped: the graph does not run on random "
+                             f"inputs ({first}); pass --calibration with real samples")
+    if not unsafe and source == "none" and not notes:
+        return None
+    safety = keep_in_fp32(graph, unsafe)
+    safety["notes"] = safety["notes"] + notes
+    safety["samples"], safety["source"] = len(samples or ()), source
+    return safety
 
 
 def static_unsafe(graph: Graph) -> dict[str, dict]:
@@ -95,9 +132,10 @@ def find_unsafe(graph: Graph, samples: list[dict[str, np.ndarray]],
 
     if watch is None or not watch.samples:
         watch = Watch()
-        for feeds in samples:
-            watch.feed(graph, feeds)
-            run_observed(graph, feeds, watch)
+        with np.errstate(all="ignore"):  # inf and NaN are what this looks for
+            for feeds in samples:
+                watch.feed(graph, feeds)
+                run_observed(graph, feeds, watch)
     unsafe = {}
     for name, peak in watch.peaks.items():
         if peak > FP16_MAX:

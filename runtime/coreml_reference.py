@@ -130,7 +130,7 @@ class ReferenceProgram:
                 for k, v in op.inputs.items():
                     args[k] = _resolve_const(consts, v, self.path)
                 with np.errstate(all="ignore"):
-                    values = self._call(step, args)
+                    values = _as_list(self._call(step, args))
                 consts.update((name, _shadow(value)) for name, value in zip(step.names, values))
         return consts
 
@@ -166,7 +166,7 @@ class ReferenceProgram:
         branch that never runs: then it fails at run time, if ever)."""
         try:
             with np.errstate(all="ignore"):
-                values = self._call(step, step.static.copy())
+                values = _as_list(self._call(step, step.static.copy()))
         except ApplecError:
             return False
         for name, value in zip(step.names, values):
@@ -260,6 +260,11 @@ class ReferenceProgram:
                     raise BundleError(f"{self.path}: variable {e.args[0]!r} is read before it "
                                       "is defined") from None
                 values = self._call(step, args)
+                if values.__class__ is np.ndarray:  # one output, finished
+                    env[step.names[0]] = values
+                    for name in step.dead:
+                        env.pop(name, None)
+                    continue
             for name, value in zip(step.names, values):
                 env[name] = value
             for name in step.dead:
@@ -278,28 +283,32 @@ class ReferenceProgram:
         return [self._finish(step, i, kind, value)  # cond is FP16_ROUND: never in place
                 for i, ((kind, *_), value) in enumerate(zip(step.finish, values))]
 
-    def _call(self, step: _Step, args: dict) -> list[np.ndarray]:
-        """Run one op through its numpy reference and finish its results."""
+    def _call(self, step: _Step, args: dict):
+        """Run one op through its numpy reference and finish its results: a list, or the
+        one result itself when it needed no finishing (see `_as_list`)."""
         op = step.op
-        fn = MIL_OPS[op.type]
         try:
-            result = fn(args, op.outputs)
+            result = MIL_OPS[op.type](args, op.outputs)
         except ApplecError:
             raise
         except Exception as e:  # a numpy failure inside an op: say which op
             raise BundleError(f"{self.path}: op {op.name!r} ({op.type}) failed: {e}") from e
+        finish = step.finish
+        if len(finish) == 1 and not isinstance(result, (tuple, list)):
+            kind, dtype, shape, known = finish[0]
+            if kind == KEEP and result.__class__ is np.ndarray and result.dtype == dtype \
+                    and known and result.shape == shape:
+                return result  # the common case, checked without _finish's generality
+            if kind == FP16_ROUND and isinstance(result, np.ndarray) and result.flags.owndata \
+                    and result.flags.writeable and not any(result is v for v in args.values()):
+                kind = FP16_ROUND_IN_PLACE  # a fresh array only this op holds
+            return [self._finish(step, 0, kind, result)]
         results = list(result) if isinstance(result, (tuple, list)) else [result]
-        if len(results) != len(step.finish):
+        if len(results) != len(finish):
             raise BundleError(f"{self.path}: op {op.name!r} ({op.type}) made {len(results)} "
                               f"outputs, the program declares {len(op.outputs)}")
-        if len(results) == 1:
-            value, kind = results[0], step.finish[0][0]
-            if kind == FP16_ROUND and isinstance(value, np.ndarray) and value.flags.owndata \
-                    and value.flags.writeable and not any(value is v for v in args.values()):
-                kind = FP16_ROUND_IN_PLACE  # a fresh array only this op holds
-            return [self._finish(step, 0, kind, value)]
         return [self._finish(step, i, f[0], value)
-                for i, (f, value) in enumerate(zip(step.finish, results))]
+                for i, (f, value) in enumerate(zip(finish, results))]
 
     def _finish(self, step: _Step, index: int, kind: int, value) -> np.ndarray:
         """Result `index` of `step` in the dtype the executor holds it in, shape checked."""
@@ -408,6 +417,10 @@ def _resolve_const(consts: dict, arg, path: str):
             raise BundleError(f"{path}: variable {arg!r} is read before it is defined")
         return _plain(consts[arg])
     return _plain(arg)
+
+
+def _as_list(values) -> list:
+    return [values] if values.__class__ is np.ndarray else values
 
 
 def _reads(op: Operation) -> set[str]:

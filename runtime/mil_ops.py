@@ -430,9 +430,16 @@ def _per_channel(v, ndim):
 def _into(f, y, v):
     """f(y, v), written over `y` (an array the op made itself) when the result fits in it."""
     if isinstance(y, np.ndarray) and y.ndim and y.dtype == np.result_type(y, v) and \
-            np.broadcast_shapes(y.shape, np.shape(v)) == y.shape:
+            _broadcasts_to(np.shape(v), y.shape):
         return f(y, v, out=y)
     return f(y, v)
+
+
+def _broadcasts_to(shape, target):
+    """Whether an array of `shape` broadcasts to `target` unchanged (np.broadcast_shapes
+    costs microseconds, which small ops notice)."""
+    return len(shape) <= len(target) and all(
+        d == 1 or d == t for d, t in zip(shape[::-1], target[::-1]))
 
 
 def _scale_shift(y, gamma, beta):
@@ -561,9 +568,14 @@ def _windows(x, kernel, strides, dilations):
     out = [(n - (k - 1) * d - 1) // s + 1 for n, k, s, d in zip(x.shape[2:], kernel, strides,
                                                                   dilations)]
     steps = x.strides[2:]
-    return as_strided(x, x.shape[:2] + tuple(out) + tuple(kernel),
-                      x.strides[:2] + tuple(t * s for t, s in zip(steps, strides))
-                      + tuple(t * d for t, d in zip(steps, dilations)), writeable=False)
+    shape = x.shape[:2] + tuple(out) + tuple(kernel)
+    strides = (x.strides[:2] + tuple(t * s for t, s in zip(steps, strides))
+               + tuple(t * d for t, d in zip(steps, dilations)))
+    if x.flags.c_contiguous and x.size:  # np.ndarray on x's buffer: as_strided costs ~5 us
+        view = np.ndarray(shape, x.dtype, buffer=x, strides=strides)
+        view.flags.writeable = False
+        return view
+    return as_strided(x, shape, strides, writeable=False)
 
 
 def _taps(x, kernel, out_sizes, strides, dilations):

@@ -1,11 +1,14 @@
-"""fp16 safety: with calibration data, ops whose activations fp16 cannot hold run in fp32.
+"""fp16 safety: ops whose activations fp16 cannot hold, on the calibration samples or on a
+random input, run in fp32.
 
-Each model has an activation out of fp16's range on the calibration samples and an output
-back in range, so an all-fp16 bundle is wrong (inf, NaN or zeros) while the mixed program
-matches onnxruntime at fp32 tolerances.
+Each model has an activation out of fp16's range on the samples and an output back in
+range, so an all-fp16 bundle is wrong (inf, NaN or zeros) while the mixed program matches
+onnxruntime at fp32 tolerances.
 """
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import onnx
@@ -45,12 +48,13 @@ def test_out_of_range_activation_runs_in_fp32(tmp_path, gain, kind):
     path = scaled_model(tmp_path / "m.onnx", gain)
     feeds = {"x": samples()["x"][0]}
     want = onnxruntime_outputs(path, feeds)["y"]
-    plain = applec.compile(path, output=tmp_path / "plain.bundle")
+    plain = applec.compile(path, output=tmp_path / "plain.bundle", fp16_check=False)
     assert "fp16_safety" not in plain.report
     broken = applec.load(tmp_path / "plain.bundle").run(feeds)["y"]
     assert not (np.all(np.isfinite(broken)) and max_rel(broken, want) < 1e-2)
     safe = applec.compile(path, output=tmp_path / "safe.bundle", calibration=samples())
     report = safe.report["fp16_safety"]
+    assert (report["source"], report["samples"]) == ("calibration", 3)
     assert report["values"] == {"hot": {"kind": kind, "peak": report["values"]["hot"]["peak"]}}
     assert sorted(report["fp32_nodes"]) == ["cool", "hot"]
     for name in ("hot", "cool"):
@@ -92,9 +96,60 @@ def test_cli_reports_kept_ops_and_refuses_fp32(tmp_path, capsys):
     args = ["compile", str(path), "-o", str(tmp_path / "b"), "--calibration",
             str(tmp_path / "feeds.npz")]
     assert main(args) == 0
-    assert "fp16 safety: 1 activation(s) fp16 cannot hold: hot (overflow" in \
-        capsys.readouterr().out.replace("\n", " ")
+    assert "fp16 safety: 1 activation(s) fp16 cannot hold on 3 calibration sample(s): hot " \
+        "(overflow" in " ".join(capsys.readouterr().out.split())
     assert main(args[:3] + [str(tmp_path / "c")] + args[4:] + ["--precision", "fp32"]) == 2
     err = capsys.readouterr().err
     assert "--calibration without --quantize drives fp16 safety" in err
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("gain, kind", [(1e6, "overflow"), (1e-9, "underflow")])
+def test_random_input_check_without_calibration(tmp_path, gain, kind):
+    """No --calibration: one seeded N(0, 1) input finds the same activation."""
+    path = scaled_model(tmp_path / "m.onnx", gain)
+    result = applec.compile(path, output=tmp_path / "b")
+    report = result.report["fp16_safety"]
+    assert (report["source"], report["samples"]) == ("random", 1)
+    assert list(report["values"]) == ["hot"] and report["values"]["hot"]["kind"] == kind
+    assert sorted(report["fp32_nodes"]) == ["cool", "hot"]
+    feeds = {"x": samples()["x"][0]}
+    got = applec.load(tmp_path / "b").run(feeds)["y"]
+    assert max_rel(got, onnxruntime_outputs(path, feeds)["y"]) < 2e-3
+
+
+def test_random_check_misses_what_only_real_data_shows(tmp_path):
+    """Inputs of scale 1e6 overflow x @ w; N(0, 1) inputs do not: only calibration tells."""
+    path = scaled_model(tmp_path / "m.onnx", 1.0, x_scale=1e6)
+    result = applec.compile(path, output=tmp_path / "b")
+    assert result.report["fp16_safety"]["values"] == {}
+    assert result.report["fp16_safety"]["fp32_nodes"] == {}
+
+
+def test_random_inputs_the_graph_cannot_take_skip_the_check(tmp_path):
+    """Random integers in [0, 10) index past a 4-row table: the check is skipped with a
+    note naming the reason, and the compile goes on."""
+    b = GraphBuilder(13)
+    rows = b.op("Gather", [b.weight("table", (4, 8)), "ids"], name="lookup")
+    b.op("Relu", [rows], name="y")
+    path = tmp_path / "m.onnx"
+    onnx.save(b.model([tensor("ids", onnx.TensorProto.INT64, [6])],
+                      [tensor("y", F, [6, 8])]), path)
+    result = applec.compile(path, output=tmp_path / "b")
+    safety = result.report["fp16_safety"]
+    assert (safety["source"], safety["samples"]) == ("none", 0)
+    note = [n for n in result.report["notes"] if n.startswith("fp16 range check skipped")]
+    assert len(note) == 1 and "pass --calibration" in note[0]
+    feeds = {"ids": np.array([0, 3, 1, 2, 3, 0], np.int64)}
+    got = applec.load(tmp_path / "b").run(feeds)["y"]
+    assert max_rel(got, onnxruntime_outputs(path, feeds)["y"]) < 2e-3
+
+
+def test_cli_random_check_line_and_opt_out(tmp_path, capsys):
+    path = scaled_model(tmp_path / "m.onnx", 1e6)
+    assert main(["compile", str(path), "-o", str(tmp_path / "b")]) == 0
+    assert "fp16 safety: 1 activation(s) fp16 cannot hold on 1 random sample(s)" in \
+        " ".join(capsys.readouterr().out.split())
+    assert main(["compile", str(path), "-o", str(tmp_path / "c"), "--no-fp16-check"]) == 0
+    assert "fp16 safety" not in capsys.readouterr().out
+    assert "fp16_safety" not in json.loads((tmp_path / "c" / "report.json").read_text())
