@@ -7,7 +7,8 @@ Intermediate tensors are dropped as soon as their last reader has run.
 
 Loading turns every op into a `_Step`: its constant arguments resolved and decoded once
 (attributes, immediates, folded constants), the variables it reads, and what becomes of
-each result. Running is then a loop over steps.
+each result. Running is then a loop over steps. An `identity` op of a variable is no
+step: its readers read that variable.
 
 fp16: the executor holds every fp16 value as the float32 number it equals (the conversion is
 exact), so ops always compute in fp32. Each result the program declares fp16 is rounded to
@@ -67,6 +68,7 @@ class ReferenceProgram:
         self._dtypes = {t.name: t.mil_dtype for t in self.program.inputs}
         for op in walk(self.program.main):
             self._dtypes.update((t.name, t.mil_dtype) for t in op.outputs)
+        self._alias: dict[str, str] = {}  # identity result -> the variable it passes on
         keep = {t.name for t in self.program.outputs}
         self._main = self._plan_block(self.program.main, consts, keep)
         # Constants live in the steps that read them; only those a block returns by name stay.
@@ -140,6 +142,11 @@ class ReferenceProgram:
         for op in block.operations:
             if op.type == "const" or op.type.startswith("constexpr_"):
                 continue
+            source = op.inputs.get("x") if op.type == "identity" else None
+            if isinstance(source, str) and source not in consts and \
+                    self._dtypes.get(source) == op.outputs[0].mil_dtype:
+                self._alias[op.outputs[0].name] = self._resolve(source)  # a name, not a step
+                continue
             step = self._plan_op(op, consts, keep)
             if not (step.reads or step.lists or step.branches) and self._fold(step, consts):
                 continue
@@ -147,10 +154,11 @@ class ReferenceProgram:
             steps.append(step)
         local = {t.name for t in block.inputs}
         local.update(name for step in steps for name in step.names)
+        keep = {self._resolve(name) for name in keep}
         last: dict[str, int] = {}
         for i, op in enumerate(ops):
             for name in _reads(op):
-                last[name] = i
+                last[self._resolve(name)] = i
             for t in op.outputs:
                 last.setdefault(t.name, i)  # never read: free right after it is made
         dead: list[list[str]] = [[] for _ in steps]
@@ -183,14 +191,14 @@ class ReferenceProgram:
         reads, lists = [], []
         for param, arg in op.inputs.items():
             if isinstance(arg, list):
-                items = tuple((a, None) if variable(a) else (None, self._constant(a, consts))
-                              for a in arg)
+                items = tuple((self._resolve(a), None) if variable(a)
+                              else (None, self._constant(a, consts)) for a in arg)
                 if all(name is None for name, _ in items):
                     step.static[param] = [value for _, value in items]
                 else:
                     lists.append((param, items))
             elif variable(arg):
-                reads.append((param, arg))
+                reads.append((param, self._resolve(arg)))
             else:
                 transposed = param in TRANSPOSED.get(op.type, ())
                 step.static[param] = self._constant(arg, consts, transposed)
@@ -277,7 +285,7 @@ class ReferenceProgram:
         steps, outputs = step.branches[0] if bool(np.asarray(pred).item()) else step.branches[1]
         self._run_steps(steps, env)
         values = [self._lookup(env, name) for name in outputs]
-        for name in outputs:  # the branch's results now live on as the cond's outputs
+        for name in map(self._resolve, outputs):  # they live on as the cond's outputs
             if any(name in inner.names for inner in steps):
                 env.pop(name, None)
         return [self._finish(step, i, kind, value)  # cond is FP16_ROUND: never in place
@@ -330,7 +338,13 @@ class ReferenceProgram:
                               f"program declares {_shape_text(shape)}")
         return _plain(value) if vdtype.kind == "O" else value
 
+    def _resolve(self, name: str) -> str:
+        """The variable that holds `name`'s value: itself, or what the identity ops that
+        made it pass on (they run as renames, not as steps)."""
+        return self._alias.get(name, name)
+
     def _lookup(self, env: dict, name: str):
+        name = self._resolve(name)
         if name in env:
             return env[name]
         if name in self._consts:

@@ -457,10 +457,16 @@ def _channel_affine(y, a):
 @mil_op("batch_norm")
 def batch_norm(a, outs):
     x, eps = a["x"], _float(a, "epsilon", 1e-5)
-    mean, var = _per_channel(a["mean"], x.ndim), _per_channel(a["variance"], x.ndim)
-    y = np.subtract(x, mean)
-    y /= np.sqrt(var + eps)
-    return _channel_affine(y, a)
+    # x * scale + shift: two passes over x; the per-channel algebra costs nothing
+    scale = 1 / np.sqrt(np.asarray(a["variance"], x.dtype) + x.dtype.type(eps))
+    if a.get("gamma") is not None:
+        scale = scale * a["gamma"]
+    shift = -np.asarray(a["mean"], x.dtype) * scale
+    if a.get("beta") is not None:
+        shift = shift + a["beta"]
+    y = np.multiply(x, _per_channel(scale.astype(x.dtype), x.ndim))
+    y += _per_channel(shift.astype(x.dtype), x.ndim)
+    return y
 
 
 @mil_op("instance_norm")
