@@ -1080,21 +1080,34 @@ _RNN_ACTIVATIONS = {
 
 
 def _lstm_direction(xs, h, c, w_ih, w_hh, bias, peephole, acts, clip):
-    """Run one LSTM direction over xs [T, B, I]; gates are stacked [i, f, o, z]."""
+    """Run one LSTM direction over xs [T, B, I]; gates are stacked [i, f, o, z]. With
+    sigmoid gates and no peepholes, i, f and o go through one sigmoid call per step."""
     hidden = w_hh.shape[1]
     rec, cell_act, out_act = acts
-    p_i, p_f, p_o = (np.zeros(hidden, xs.dtype),) * 3 if peephole is None else np.split(peephole, 3)
-    x_gates = np.matmul(xs, w_ih.T) + (0 if bias is None else bias)  # all steps at once
-    hs = []
-    for x_t in x_gates:
-        g_i, g_f, g_o, g_z = np.split(x_t + h @ w_hh.T, 4, axis=-1)
-        i, f = rec(g_i + p_i * c), rec(g_f + p_f * c)
-        c = f * c + i * cell_act(g_z)
+    x_gates = np.matmul(xs, w_ih.T)  # all steps at once
+    if bias is not None:
+        x_gates += bias
+    joint = peephole is None
+    p_i, p_f, p_o = (None,) * 3 if joint else np.split(peephole, 3)
+    hs = np.empty(xs.shape[:2] + (hidden,), x_gates.dtype)
+    for t, x_t in enumerate(x_gates):
+        gates = np.matmul(h, w_hh.T)
+        gates += x_t
+        g_z = gates[..., 3 * hidden:]
+        if joint:
+            ifo = rec(gates[..., :3 * hidden])
+            i, f, o = ifo[..., :hidden], ifo[..., hidden:2 * hidden], ifo[..., 2 * hidden:]
+            c = f * c + i * cell_act(g_z)
+        else:
+            g_i, g_f, g_o = (gates[..., k * hidden:(k + 1) * hidden] for k in range(3))
+            i, f = rec(g_i + p_i * c), rec(g_f + p_f * c)
+            c = f * c + i * cell_act(g_z)
         if clip is not None:
             c = np.clip(c, -clip, clip)
-        h = rec(g_o + p_o * c) * out_act(c)
-        hs.append(h)
-    return np.stack(hs), h, c
+        if not joint:
+            o = rec(g_o + p_o * c)
+        h = hs[t] = o * out_act(c)
+    return hs, h, c
 
 
 @mil_op("lstm")
@@ -1116,8 +1129,11 @@ def lstm(a, outs):
             xs, h0[:, state], c0[:, state], a["weight_ih" + suffix], a["weight_hh" + suffix],
             a.get("bias" + suffix), a.get("peephole" + suffix), acts, clip)
         runs.append((seq[::-1] if backward else seq, h, c))
-    seq = np.concatenate([r[0] for r in runs], axis=-1)
-    h, c = (np.concatenate([r[i] for r in runs], axis=-1) for i in (1, 2))
+    if len(runs) == 1:
+        seq, h, c = runs[0]
+    else:
+        seq = np.concatenate([r[0] for r in runs], axis=-1)
+        h, c = (np.concatenate([r[i] for r in runs], axis=-1) for i in (1, 2))
     if not _bool(a, "output_sequence"):
         seq = h[None]
     return seq, h, c
