@@ -24,7 +24,8 @@ import numpy as np
 
 from applec.errors import ApplecError, BundleError, InputError
 
-from .mil_ops import KEEPS_FP16, MIL_OPS, TRANSPOSED, scratch
+from .fp16_round import round_to_fp16
+from .mil_ops import KEEPS_FP16, MIL_OPS, TRANSPOSED
 from .mil_reader import Block, Operation, Program, TensorInfo, read_mlpackage, walk
 
 # Ops run by the executor itself because they own nested blocks.
@@ -350,52 +351,6 @@ class ReferenceProgram:
         if name in self._consts:
             return self._consts[name]
         raise BundleError(f"{self.path}: variable {name!r} is read before it is defined")
-
-
-# ---- fp16 rounding ---------------------------------------------------------------------------
-
-_SIGN, _EXPONENT = np.uint32(0x80000000), np.uint32(0x7F800000)
-_FP16_MIN_NORMAL, _FP16_TOP = np.uint32(0x38800000), np.uint32(0x47000000)  # 2**-14, 2**15
-_FP16_SHIFT = np.uint32(13 << 23)  # fp32 has 13 more mantissa bits than fp16
-_ROUND_BLOCK = 1 << 17  # elements per pass: the temporaries stay in cache
-
-
-def round_to_fp16(x: np.ndarray, in_place: bool = False) -> np.ndarray:
-    """float32 `x` rounded to the nearest fp16 value (ties to even, overflow to inf), as
-    float32: bit for bit `x.astype(float16).astype(float32)`, without numpy's slow scalar
-    fp16 conversion. `in_place` overwrites `x`, which the caller must own.
-
-    For |x| in [2**e, 2**(e+1)), adding and then subtracting M = sign(x) * 2**(e+13) leaves x
-    rounded to a multiple of 2**(e-10), fp16's spacing there, by the fp32 adder's own
-    round-to-nearest-even. Below 2**-14 fp16's spacing stays 2**-24, so M stays 2**-1.
-    Checked against numpy on all 2**32 float32 bit patterns."""
-    if x.size < 4096:
-        return x.astype(F16).astype(F32)
-    if not x.flags.c_contiguous:
-        x, in_place = np.ascontiguousarray(x), True
-    out = x if in_place else np.empty_like(x)
-    flat_x, flat_out = x.reshape(-1), out.reshape(-1)
-    size = flat_x.size
-    sign = scratch("fp16 sign", (min(size, _ROUND_BLOCK),), np.uint32)
-    magic = scratch("fp16 magic", (min(size, _ROUND_BLOCK),), np.uint32)
-    for start in range(0, size, _ROUND_BLOCK):
-        xs, ys = flat_x[start:start + _ROUND_BLOCK], flat_out[start:start + _ROUND_BLOCK]
-        s, m = sign[:xs.size], magic[:xs.size]
-        bits = xs.view(np.uint32)
-        np.bitwise_and(bits, _SIGN, out=s)
-        np.bitwise_and(bits, _EXPONENT, out=m)
-        top = m.max() >= _FP16_TOP  # fp16 overflow, inf or NaN somewhere in this block
-        np.clip(m, _FP16_MIN_NORMAL, _FP16_TOP, out=m)
-        m += _FP16_SHIFT
-        m |= s
-        mf = m.view(np.float32)
-        np.add(xs, mf, out=ys)
-        ys -= mf
-        ys.view(np.uint32)[...] |= s  # x - M + M is +0 where fp16 has -0
-        if top:
-            over = np.abs(ys) > 65504
-            ys[over] = np.copysign(np.float32(np.inf), ys[over])
-    return out
 
 
 # ---- helpers ---------------------------------------------------------------------------------
