@@ -124,8 +124,10 @@ class Watch:
         array = np.asarray(array)
         if array.dtype.kind != "f" or not array.size:
             return
-        finite = array if np.all(np.isfinite(array)) else array[np.isfinite(array)]
-        peak = float(np.max(np.abs(finite))) if finite.size else 0.0
+        peak = max(float(array.max()), -float(array.min()))  # two reductions, no copy
+        if not np.isfinite(peak):  # inf or NaN somewhere: the peak of the finite part
+            finite = array[np.isfinite(array)]
+            peak = float(np.max(np.abs(finite))) if finite.size else 0.0
         self.peaks[value.name] = max(self.peaks.get(value.name, 0.0), peak)
 
 

@@ -47,7 +47,8 @@ class Linear(OpDef):
         x, weight = inputs[:2]
         bias = inputs[2] if len(inputs) > 2 else None
         acc = accumulator(x.dtype)
-        y = np.matmul(x.astype(acc), weight.astype(acc).T).astype(x.dtype)
+        y = np.matmul(x.astype(acc, copy=False),
+                      weight.astype(acc, copy=False).T).astype(x.dtype, copy=False)
         if bias is not None:
             y = y + bias.astype(x.dtype)
         return [y]
@@ -110,7 +111,8 @@ class Attention(OpDef):
         q, k, v = inputs[:3]
         mask = inputs[3] if len(inputs) > 3 else None
         acc = accumulator(q.dtype)
-        scores = np.matmul(q.astype(acc), np.swapaxes(k.astype(acc), -1, -2))
+        scores = np.matmul(q.astype(acc, copy=False),
+                           np.swapaxes(k.astype(acc, copy=False), -1, -2))
         scores = scores * acc.type(self.attr(node, "scale"))
         if mask is not None and mask.dtype == bool:
             scores = np.where(mask, scores, acc.type(self.attr(node, "mask_fill")))
@@ -119,7 +121,7 @@ class Attention(OpDef):
         with np.errstate(invalid="ignore"):  # fully masked rows: NaN, as ONNX gives
             shifted = scores - scores.max(axis=-1, keepdims=True)
             probs = np.exp(shifted) / np.exp(shifted).sum(axis=-1, keepdims=True)
-        out = np.matmul(probs, v.astype(acc))
+        out = np.matmul(probs, v.astype(acc, copy=False))
         if self.attr(node, "nan_to_zero"):
             out = np.where(np.isnan(out), 0, out)
         return [out.astype(q.dtype)]

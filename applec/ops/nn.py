@@ -157,7 +157,7 @@ class Conv(ConvBase):
         # im2col: (N, C, *out, *kernel) -> (N, group, C/group * kernel, out pixels).
         perm = (0, 1) + tuple(range(2 + rank, 2 + 2 * rank)) + tuple(range(2, 2 + rank))
         cols = view.transpose(perm).reshape(n, g, -1, math.prod(window.out))
-        y = np.matmul(w.astype(acc).reshape(g, m // g, -1), cols)
+        y = np.matmul(w.astype(acc, copy=False).reshape(g, m // g, -1), cols)
         y = y.reshape((n, m) + window.out)
         if bias is not None:
             y = y + bias.astype(acc).reshape((m,) + (1,) * rank)
@@ -449,8 +449,10 @@ class Gemm(OpDef):
         a, b = inputs[:2]
         c = inputs[2] if len(inputs) > 2 else None
         acc = accumulator(a.dtype)
-        a = a.astype(acc).T if self.attr(node, "transA") else a.astype(acc)
-        b = b.astype(acc).T if self.attr(node, "transB") else b.astype(acc)
+        a = a.astype(acc, copy=False)
+        b = b.astype(acc, copy=False)
+        a = a.T if self.attr(node, "transA") else a
+        b = b.T if self.attr(node, "transB") else b
         y = self.attr(node, "alpha") * (a @ b)
         if c is not None:
             y = y + self.attr(node, "beta") * c.astype(acc)
