@@ -125,8 +125,7 @@ def compile_model(model: str | Path, *, output: str | Path, target: str = "m2",
 
             fp16_safety = check_ranges(graph, samples, watch, random_check=fp16_check)
             if fp16_safety is not None:
-                source = {"calibration": " calibration", "random": " random"}.get(
-                    fp16_safety["source"], "")
+                source = "" if fp16_safety["source"] == "none" else f" {fp16_safety['source']}"
                 lap("fp16", f"{len(fp16_safety['fp32_nodes'])} op(s) kept in fp32 "
                     f"({fp16_safety['samples']}{source} sample(s))")
         partitions = [{"id": "p0", "backend": "coreml",

@@ -54,22 +54,16 @@ def check_ranges(graph: Graph, samples: list[dict] | None, watch: Watch | None =
         source = "calibration"
     elif random_check:
         specs = [{"name": v.name, "dtype": v.dtype.name, "shape": list(v.shape)}
-                 for v in graph.inputs]
-        dynamic = [spec["name"] for spec in specs
-                   if not all(isinstance(d, (int, np.integer)) for d in spec["shape"])]
-        if dynamic:
-            notes.append(f"fp16 range check skipped: input '{dynamic[0]}' has no static "
-                         "shape; pass --calibration with real samples")
-        else:
-            samples = [random_inputs(specs, seed) for seed in range(RANDOM_SAMPLES)]
-            try:
-                unsafe.update(find_unsafe(graph, samples))
-                source = "random"
-            except Exception as error:  # noqa: BLE001 - a guess at inputs that did not fit
-                samples = None
-                first = (str(error).splitlines() or [type(error).__name__])[0]
-                notes.append("fp16 range check skipped: the graph does not run on random "
-                             f"inputs ({first}); pass --calibration with real samples")
+                 for v in graph.inputs]  # static: import fixed every input's shape
+        samples = [random_inputs(specs, seed) for seed in range(RANDOM_SAMPLES)]
+        try:
+            unsafe.update(find_unsafe(graph, samples))
+            source = "random"
+        except Exception as error:  # noqa: BLE001 - a guess at inputs that did not fit
+            samples = None
+            first = (str(error).splitlines() or [type(error).__name__])[0]
+            notes.append("fp16 range check skipped: the graph does not run on random "
+                         f"inputs ({first}); pass --calibration with real samples")
     if not unsafe and source == "none" and not notes:
         return None
     safety = keep_in_fp32(graph, unsafe)

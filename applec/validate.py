@@ -64,12 +64,12 @@ def compare(name: str, got: np.ndarray, want: np.ndarray, precision: str) -> Out
                            1.0 if mismatch == 0 else 0.0, mismatch,
                            mismatch <= INT_MISMATCH[precision])
     g, w = got.astype(np.float64).ravel(), want.astype(np.float64).ravel()
-    if not np.array_equal(g[~np.isfinite(w)], w[~np.isfinite(w)], equal_nan=True) or \
-            not np.isfinite(g[np.isfinite(w)]).all():
+    finite = np.isfinite(w)
+    if not np.array_equal(g[~finite], w[~finite], equal_nan=True) or \
+            not np.isfinite(g[finite]).all():
         # inf or NaN where the reference has another value: no error measure over the
         # finite part can call that a match (an all-NaN output has no finite part at all)
         return OutputCheck(name, np.inf, np.inf, 0.0, None, False)
-    finite = np.isfinite(w)
     diff = np.abs(g[finite] - w[finite])
     max_abs = float(diff.max()) if diff.size else 0.0
     scale = float(np.abs(w[finite]).max()) if diff.size else 0.0

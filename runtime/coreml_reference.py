@@ -269,13 +269,11 @@ class ReferenceProgram:
                     raise BundleError(f"{self.path}: variable {e.args[0]!r} is read before it "
                                       "is defined") from None
                 values = self._call(step, args)
-                if values.__class__ is np.ndarray:  # one output, finished
-                    env[step.names[0]] = values
-                    for name in step.dead:
-                        env.pop(name, None)
-                    continue
-            for name, value in zip(step.names, values):
-                env[name] = value
+            if values.__class__ is np.ndarray:  # one output, already finished
+                env[step.names[0]] = values
+            else:
+                for name, value in zip(step.names, values):
+                    env[name] = value
             for name in step.dead:
                 env.pop(name, None)
 

@@ -1080,8 +1080,8 @@ _RNN_ACTIVATIONS = {
 
 
 def _lstm_direction(xs, h, c, w_ih, w_hh, bias, peephole, acts, clip):
-    """Run one LSTM direction over xs [T, B, I]; gates are stacked [i, f, o, z]. With
-    sigmoid gates and no peepholes, i, f and o go through one sigmoid call per step."""
+    """Run one LSTM direction over xs [T, B, I]; gates are stacked [i, f, o, z]. Without
+    peepholes, i, f and o go through one activation call per step."""
     hidden = w_hh.shape[1]
     rec, cell_act, out_act = acts
     x_gates = np.matmul(xs, w_ih.T)  # all steps at once
@@ -1097,11 +1097,10 @@ def _lstm_direction(xs, h, c, w_ih, w_hh, bias, peephole, acts, clip):
         if joint:
             ifo = rec(gates[..., :3 * hidden])
             i, f, o = ifo[..., :hidden], ifo[..., hidden:2 * hidden], ifo[..., 2 * hidden:]
-            c = f * c + i * cell_act(g_z)
         else:
             g_i, g_f, g_o = (gates[..., k * hidden:(k + 1) * hidden] for k in range(3))
             i, f = rec(g_i + p_i * c), rec(g_f + p_f * c)
-            c = f * c + i * cell_act(g_z)
+        c = f * c + i * cell_act(g_z)
         if clip is not None:
             c = np.clip(c, -clip, clip)
         if not joint:
