@@ -20,6 +20,7 @@ from . import (
     fold_constants,
     fold_qdq_weights,
     fuse_attention,
+    fuse_channel_affine,
     fuse_conv_batchnorm,
     fuse_gelu,
     fuse_hard_swish,
@@ -50,6 +51,8 @@ PassFn = Callable[[Graph], int]
 #   tail (with x - mean as its input), which would leave the LayerNorm unfusable.
 # - fuse_attention before fuse_matmul_add: an unscaled attention's Add(MatMul(q, kT), mask)
 #   is a biased MatMul when K and the mask are constants.
+# - fuse_channel_affine after fuse_conv_batchnorm: Conv, BatchNorm, Mul, Add folds to one
+#   Conv only once the BatchNorm is in it (the pipeline's rounds fold the chain op by op).
 # - fuse_conv_batchnorm, fuse_gelu, fuse_silu, fuse_hard_swish touch disjoint ops and
 #   commute with the others.
 # - quantize_weights after the fusions: it reads applec.Linear's [out, in] weight and the
@@ -63,6 +66,7 @@ PIPELINE: list[tuple[str, PassFn]] = [
     ("eliminate_common_subexpressions", eliminate_common_subexpressions.run),
     ("sum_to_mean", sum_to_mean.run),
     ("fuse_conv_batchnorm", fuse_conv_batchnorm.run),
+    ("fuse_channel_affine", fuse_channel_affine.run),
     ("fuse_layer_norm", fuse_layer_norm.run),
     ("fuse_rms_norm", fuse_rms_norm.run),
     ("fuse_gelu", fuse_gelu.run),

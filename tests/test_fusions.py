@@ -159,6 +159,67 @@ def test_conv_batchnorm_near_misses(tmp_path):
         "BatchNormalization gamma 'gamma' is not a constant"
 
 
+# -- fuse_channel_affine -------------------------------------------------------------------
+def test_channel_affine_caffe_scale_chain(tmp_path, compiled):
+    """Conv, BatchNorm, Mul, Add, Relu (onnx's inception_v2) folds to Conv, Relu; a
+    pre-activation BatchNorm, Mul, Add (densenet121) folds to one BatchNorm; Sub and Div
+    by a scalar fold too."""
+    b = GraphBuilder()
+    _, bn = _conv_bn(b)
+    scale = b.op("Unsqueeze", [b.init("s", np.linspace(0.5, 2, 4, dtype=np.float32)),
+                               i64(b, [1, 2])])                    # [4, 1, 1], as exported
+    shift = b.init("t", np.linspace(-1, 1, 4, dtype=np.float32).reshape(1, 4, 1, 1))
+    b.op("Relu", [b.op("Add", [b.op("Mul", [bn, scale], name="scale"), shift],
+                       name="shift")], name="y")
+    norm = b.op("BatchNormalization", ["x"] + [b.init(n, np.full(3, v, np.float32)) for n, v in
+                                               (("g2", 1.2), ("b2", 0.1), ("m2", 0.3),
+                                                ("v2", 2.0))], name="bn2")
+    b.op("Relu", [b.op("Add", [b.weight("t2", (3, 1, 1)), b.op("Mul", [norm, b.weight(
+        "s2", (1, 3, 1, 1))], name="scale2")], name="shift2")], name="z")
+    b.op("Div", [b.op("Sub", [b.op("Conv", ["x", b.weight("w3", (2, 3, 1, 1))], name="conv3"),
+                              f32(b, 0.25)], name="sub3"), f32(b, 4.0)], name="v")
+    proto = model(b, {"x": (1, 3, 8, 8)}, {"y": (1, 4, 8, 8), "z": (1, 3, 8, 8),
+                                           "v": (1, 2, 8, 8)})
+    unfused, fused, rewrites = pipelines(tmp_path, proto)
+    assert fused.op_counts() == {"Conv": 2, "Relu": 2, "BatchNormalization": 1}
+    assert rewrites["fuse_channel_affine"] == 6
+    assert_same_numbers(unfused, fused, {"x": seeded((1, 3, 8, 8))})
+    c = compiled(proto)
+    c.check({"x": seeded((1, 3, 8, 8))})
+    assert mil_ops_of(c, "shift") == ["conv"] and mil_ops_of(c, "sub3") == ["conv"]
+    assert sorted(all_mil_ops(c)) == ["batch_norm", "conv", "conv", "relu", "relu"]
+    nodes = c.result.report["nodes"]
+    assert nodes["scale2"]["fused_into"] == "bn2" and nodes["shift"]["fused_into"] == "conv"
+
+
+def test_channel_affine_near_misses(tmp_path):
+    b = GraphBuilder()
+    conv = lambda name: b.op("Conv", ["x", b.weight(f"w_{name}", (4, 3, 1, 1))], name=name)  # noqa: E731
+    b.op("Mul", [conv("rows"), b.weight("per_row", (1, 1, 8, 1))], name="y1")   # not per channel
+    b.op("Add", [conv("grow"), b.weight("big", (1, 1, 4, 1, 1))], name="y2")    # adds a dim
+    b.op("Sub", [f32(b, 1.0), conv("reversed")], name="y3")                    # 1 - conv
+    b.op("Div", [conv("zero"), b.init("zeros", np.array([1, 0, 1, 1], np.float32)
+                                      .reshape(4, 1, 1))], name="y4")
+    b.op("Mul", [conv("runtime"), "s"], name="y5")                              # not a constant
+    proto = b.model([tensor("x", F, (1, 3, 8, 8)), tensor("s", F, (4, 1, 1))],
+                    [tensor("y1", F, (1, 4, 8, 8)), tensor("y2", F, (1, 1, 4, 8, 8)),
+                     tensor("y3", F, (1, 4, 8, 8)), tensor("y4", F, (1, 4, 8, 8)),
+                     tensor("y5", F, (1, 4, 8, 8))])
+    unfused, fused, rewrites = pipelines(tmp_path, proto)
+    assert rewrites.get("fuse_channel_affine", 0) == 0
+    assert fused.op_counts() == {"Conv": 5, "Mul": 2, "Add": 1, "Sub": 1, "Div": 1}
+    reasons = refusals(fused, "fuse_channel_affine")
+    assert reasons == {
+        "y1": "the constant 'per_row' of shape [1, 1, 8, 1] is not one number per channel "
+              "of the [1, 4, 8, 8] output",
+        "y2": "the constant 'big' has rank 5, above the output's 4",
+        "y4": "the divisor 'zeros' holds a zero"}
+    feeds = {"x": seeded((1, 3, 8, 8)), "s": seeded((4, 1, 1))}
+    before, after = interpreter.run(unfused, feeds), interpreter.run(fused, feeds)
+    for name, want in before.items():  # y4 holds inf where it divides by 0
+        np.testing.assert_allclose(after[name], want, rtol=1e-6, atol=1e-6, err_msg=name)
+
+
 # -- fuse_matmul_add -----------------------------------------------------------------------
 def test_matmul_add_to_linear(tmp_path, compiled):
     b = GraphBuilder()
