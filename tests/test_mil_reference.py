@@ -291,6 +291,11 @@ conv_case("conv_pointwise_stride2", rand(1, 5, 9, 8), rand(7, 5, 1, 1), bias=ran
           strides=[2, 2])
 conv_case("conv1d", rand(2, 3, 17), rand(5, 3, 4), strides=[3], pad_type="custom", pad=[2, 1])
 conv_case("conv3d", rand(1, 2, 5, 6, 7), rand(3, 2, 2, 3, 2), bias=rand(3), pad_type="same")
+# >= 32 inputs, <= 48 outputs, stride 1: the shifted-GEMM path (`_conv_shifted`)
+conv_case("conv_shifted_custom_pad", rand(2, 32, 9, 11), rand(16, 32, 3, 3), bias=rand(16),
+          pad_type="custom", pad=[1, 0, 2, 1])
+conv_case("conv_shifted_dilated_valid", rand(1, 40, 12, 10), rand(8, 40, 3, 2), dil=[2, 3])
+conv_case("conv_shifted_same_wide", rand(1, 33, 5, 14), rand(48, 33, 1, 5), pad_type="same")
 ONNX_POOL = {"max_pool": "MaxPool", "avg_pool": "AveragePool", "l2_pool": "LpPool"}
 
 
