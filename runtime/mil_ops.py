@@ -296,11 +296,34 @@ def _gelu_tanh(x):
     return y
 
 
+# erfc(z) ~ t (a1 + t (a2 + ... + t a5)) exp(-z^2), t = 1 / (1 + p z), z >= 0 (Abramowitz and
+# Stegun 7.1.26, |error| <= 1.5e-7); for gelu, with z = |x| / sqrt(2) and the 1/2 folded in.
+_GELU_P = np.float32(0.3275911 / math.sqrt(2))
+_GELU_A = tuple(np.float32(a / 2) for a in (1.061405429, -1.453152027, 1.421413741,
+                                             -0.284496736, 0.254829592))
+
+
 def _gelu_exact(x):
-    """0.5 x (1 + erf(x / sqrt(2)))."""
-    y = _one_plus_erf(np.divide(x, math.sqrt(2), out=_fresh(x)))
-    y *= x
-    y *= 0.5
+    """0.5 x (1 + erf(x / sqrt(2))) = relu(x) - |x| erfc(|x| / sqrt(2)) / 2: 21 passes, where
+    erf to full relative precision in the tails (`_one_plus_erf`) takes 34. Absolute error
+    <= 4e-7 for every float32 x (float32 rounding included; checked against float64 erf on
+    a grid over [-10, 10]); a GELU's tail is a tiny number next to its other outputs."""
+    a = np.abs(x, out=_fresh(x))
+    np.minimum(a, 16, out=a)  # past 16 the erfc term is 0 in float32; keeps inf * 0 out
+    t = np.multiply(a, _GELU_P)
+    t += 1
+    np.reciprocal(t, out=t)
+    q = np.multiply(t, _GELU_A[0])
+    for c in _GELU_A[1:]:
+        q += c
+        q *= t
+    e = np.multiply(a, a, out=t)
+    e *= -0.5
+    np.exp(e, out=e)
+    q *= e
+    q *= a
+    y = np.clip(x, 0, np.inf, out=a)  # max(x, 0); NaN stays NaN
+    y -= q
     return y
 
 
