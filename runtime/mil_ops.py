@@ -27,6 +27,8 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 from scipy.special import erf as _erf
 
+from . import winograd
+
 MIL_OPS: dict[str, Callable] = {}
 KEEPS_FP16: set[str] = set()  # ops whose results are values of their inputs
 # op type -> constant 2-D parameters the op multiplies by transposed: the executor stores
@@ -670,7 +672,9 @@ def conv(a, outs):
     strides, dil = _ints(a, "strides", [1] * nd), _ints(a, "dilations", [1] * nd)
     eff = [(k - 1) * d + 1 for k, d in zip(w.shape[2:], dil)]
     pads = _spatial_pads(a, x.shape[2:], eff, strides)
-    if _shifted_fits(x, w, groups, strides):
+    if winograd.fits(x, w, groups, strides, dil):
+        y = winograd.conv3x3(x, w, pads, scratch)
+    elif _shifted_fits(x, w, groups, strides):
         y = _conv_shifted(x, w, pads, dil)
     else:
         xp = _pad_spatial(x, pads, slot="padded")
@@ -682,9 +686,12 @@ def _shifted_fits(x, w, groups, strides):
     """Whether `_conv_shifted` beats im2col: a stride-1 2-D kernel (not 1x1) with few output
     channels. Measured on 3x3 convs (1 thread, /tmp-style microbenchmarks of both paths):
     1.1-1.4x faster at 32 outputs from 128 inputs (densenet's growth convs) and 48 from 64;
-    even at 64 outputs; 5-10% slower at 96 and up, where im2col's one big GEMM wins."""
-    return groups == 1 and x.ndim == 4 and strides[0] == strides[1] == 1 \
-        and x.shape[1] >= 32 and w.shape[0] <= 48 and w.shape[2] * w.shape[3] > 1
+    even at 64 outputs; 5-10% slower at 96 and up, where im2col's one big GEMM wins, and on
+    big maps, where the per-tap sums no longer stay in cache."""
+    if groups != 1 or x.ndim != 4 or strides[0] != 1 or strides[1] != 1:
+        return False
+    m, (h, wd), (kh, kw) = w.shape[0], x.shape[2:], w.shape[2:]
+    return x.shape[1] >= 32 and m <= 48 and kh * kw > 1 and m * h * (wd + kw) <= 1 << 18
 
 
 def _conv_shifted(x, w, pads, dilations):

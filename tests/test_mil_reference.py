@@ -261,7 +261,8 @@ case("scaled_dot_product_attention", lambda q, k, v: (
 AUTO_PAD = {"valid": "VALID", "same": "SAME_UPPER", "same_lower": "SAME_LOWER"}
 
 
-def conv_case(id, x, w, bias=None, strides=None, pad_type="valid", pad=None, dil=None, groups=1):
+def conv_case(id, x, w, bias=None, strides=None, pad_type="valid", pad=None, dil=None, groups=1,
+              atol=1e-5):
     nd = x.ndim - 2
     strides, dil = strides or [1] * nd, dil or [1] * nd
     kw = {"weight": w, "strides": strides, "pad_type": pad_type, "dilations": dil,
@@ -271,7 +272,7 @@ def conv_case(id, x, w, bias=None, strides=None, pad_type="valid", pad=None, dil
     attrs.update({"pads": onnx_pads(pad)} if pad_type == "custom" else
                  {"auto_pad": AUTO_PAD[pad_type]})
     case(id, lambda v: mb.conv(x=v, **kw),
-         lambda v: onnx_run("Conv", {"x": v, "w": w, "b": bias}, attrs), x, rtol=1e-4, atol=1e-5)
+         lambda v: onnx_run("Conv", {"x": v, "w": w, "b": bias}, attrs), x, rtol=1e-4, atol=atol)
 
 
 conv_case("conv_same", rand(1, 3, 9, 9), rand(4, 3, 3, 3), pad_type="same")
@@ -296,6 +297,13 @@ conv_case("conv_shifted_custom_pad", rand(2, 32, 9, 11), rand(16, 32, 3, 3), bia
           pad_type="custom", pad=[1, 0, 2, 1])
 conv_case("conv_shifted_dilated_valid", rand(1, 40, 12, 10), rand(8, 40, 3, 2), dil=[2, 3])
 conv_case("conv_shifted_same_wide", rand(1, 33, 5, 14), rand(48, 33, 1, 5), pad_type="same")
+# 3x3, stride 1, >= 32 inputs, >= 48 outputs, >= 49 tiles of 4x4: Winograd F(4x4, 3x3). Its
+# error scales with the terms summed, not with each output: ~5e-6 of the outputs' largest
+# (~100 here; 5e-4 measured against float64), so the absolute tolerance is 1e-5 of that.
+conv_case("conv_winograd_same", rand(1, 32, 28, 30), rand(48, 32, 3, 3), bias=rand(48),
+          pad_type="same", atol=1e-3)
+conv_case("conv_winograd_ragged_batch", rand(2, 40, 27, 31), rand(56, 40, 3, 3),
+          pad_type="custom", pad=[0, 2, 1, 0], atol=1e-3)
 ONNX_POOL = {"max_pool": "MaxPool", "avg_pool": "AveragePool", "l2_pool": "LpPool"}
 
 
@@ -797,3 +805,29 @@ def test_unknown_op_type_is_a_bundle_error(tmp_path):
 
 def test_every_lowered_op_has_a_reference():
     assert [op for op in EMITTED_BY_LOWERING if op not in MIL_OPS] == []
+
+
+def test_winograd_blocks_and_weight_cache():
+    """Blocks of tile rows (a last, shorter one too) give the direct convolution's numbers;
+    the transformed weight is kept while a read-only weight lives, never for a writable one."""
+    import gc
+
+    from applec.runtime import mil_ops, winograd
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 32, 27, 25)).astype(np.float32)  # 7 x 7 tiles of 4 x 4
+    w = rng.standard_normal((48, 32, 3, 3)).astype(np.float32)
+    pads = [(1, 1), (0, 2)]
+    want = mil_ops._conv_matmul(mil_ops._pad_spatial(x, pads).astype(np.float64),
+                                w.astype(np.float64), 1, [1, 1], [1, 1])
+    for budget in (1 << 18, 36 * 48 * 7 * 2):  # one block of 7 tile rows; blocks of 2, 2, 2, 1
+        got = winograd.conv3x3(x, w, pads, mil_ops.scratch, budget=budget)
+        assert got.shape == want.shape and got.flags.c_contiguous
+        assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))
+    assert id(w) not in winograd._WEIGHTS  # writable: it may change between runs
+    w.flags.writeable = False
+    first = winograd.transformed_weight(w)
+    assert winograd.transformed_weight(w) is first and id(w) in winograd._WEIGHTS
+    key = id(w)
+    del w, first
+    gc.collect()
+    assert key not in winograd._WEIGHTS
