@@ -25,7 +25,7 @@ import numpy as np
 from applec.errors import ApplecError, BundleError, InputError
 
 from .fp16_round import round_to_fp16
-from .mil_ops import KEEPS_FP16, MIL_OPS, TRANSPOSED
+from .mil_ops import IN_PLACE, KEEPS_FP16, MIL_OPS, TRANSPOSED
 from .mil_reader import Block, Operation, Program, TensorInfo, read_mlpackage, walk
 
 # Ops run by the executor itself because they own nested blocks.
@@ -43,9 +43,13 @@ class _Step:
     where the program has fp16), `reads` the (parameter, variable) pairs it takes from the
     environment, `lists` its variadic parameters that mix variables and constants as
     (parameter, ((variable or None, constant), ...)); `finish` has one (kind, dtype, shape,
-    shape is fully known) per output; `dead` names the variables nobody reads after it."""
+    shape is fully known) per output; `dead` names the variables nobody reads after it.
+    `in_place` lists (parameter, variable) pairs the op may overwrite (see `mil_ops.IN_PLACE`)
+    when the variable's array is one only the executor holds; `owns` says whether to find
+    out, after the step runs, if its result is such an array."""
 
-    __slots__ = ("branches", "dead", "finish", "lists", "names", "op", "reads", "static")
+    __slots__ = ("branches", "dead", "finish", "in_place", "lists", "names", "op", "owns",
+                 "reads", "static")
 
     def __init__(self, op: Operation):
         self.op = op
@@ -55,6 +59,8 @@ class _Step:
         self.names = tuple(t.name for t in op.outputs)
         self.finish: tuple = ()
         self.dead: tuple = ()
+        self.in_place: tuple = ()
+        self.owns = False
         self.branches: tuple = ()  # cond: (steps, outputs) of the true, then the false branch
 
 
@@ -168,6 +174,7 @@ class ReferenceProgram:
                 dead[i].append(name)
         for step, names in zip(steps, dead):
             step.dead = tuple(names)
+        _plan_in_place(steps)
         return steps
 
     def _fold(self, step: _Step, consts: dict) -> bool:
@@ -254,6 +261,7 @@ class ReferenceProgram:
         return feeds
 
     def _run_steps(self, steps: list[_Step], env: dict) -> None:
+        owned: set[str] = set()  # results only the executor holds (see _Step.in_place)
         for step in steps:
             if step.branches:
                 values = self._run_cond(step, env)
@@ -268,7 +276,14 @@ class ReferenceProgram:
                 except KeyError as e:
                     raise BundleError(f"{self.path}: variable {e.args[0]!r} is read before it "
                                       "is defined") from None
-                values = self._call(step, args)
+                over = next((p for p, name in step.in_place if name in owned), None)
+                values = self._call(step, args, over)
+                if step.owns:  # a fresh array, or one it overwrote that only we hold
+                    value = values if values.__class__ is np.ndarray else values[0]
+                    if value.flags.owndata and value.flags.writeable and (
+                            (over and value is args[over])
+                            or not any(value is v for v in args.values())):
+                        owned.add(step.names[0])
             if values.__class__ is np.ndarray:  # one output, already finished
                 env[step.names[0]] = values
             else:
@@ -290,12 +305,16 @@ class ReferenceProgram:
         return [self._finish(step, i, kind, value)  # cond is FP16_ROUND: never in place
                 for i, ((kind, *_), value) in enumerate(zip(step.finish, values))]
 
-    def _call(self, step: _Step, args: dict):
+    def _call(self, step: _Step, args: dict, over: str | None = None):
         """Run one op through its numpy reference and finish its results: a list, or the
-        one result itself when it needed no finishing (see `_as_list`)."""
+        one result itself when it needed no finishing (see `_as_list`). `over`: a parameter
+        whose array the op may overwrite (the in-place form is used where it fits)."""
         op = step.op
         try:
-            result = MIL_OPS[op.type](args, op.outputs)
+            result = IN_PLACE[op.type][1](args, over) if over else None
+            if result is None:
+                over = None
+                result = MIL_OPS[op.type](args, op.outputs)
         except ApplecError:
             raise
         except Exception as e:  # a numpy failure inside an op: say which op
@@ -306,8 +325,9 @@ class ReferenceProgram:
             if kind == KEEP and result.__class__ is np.ndarray and result.dtype == dtype \
                     and known and result.shape == shape:
                 return result  # the common case, checked without _finish's generality
-            if kind == FP16_ROUND and isinstance(result, np.ndarray) and result.flags.owndata \
-                    and result.flags.writeable and not any(result is v for v in args.values()):
+            if kind == FP16_ROUND and isinstance(result, np.ndarray) and (over or (
+                    result.flags.owndata and result.flags.writeable
+                    and not any(result is v for v in args.values()))):
                 kind = FP16_ROUND_IN_PLACE  # a fresh array only this op holds
             return [self._finish(step, 0, kind, result)]
         results = list(result) if isinstance(result, (tuple, list)) else [result]
@@ -384,6 +404,25 @@ def _resolve_const(consts: dict, arg, path: str):
             raise BundleError(f"{path}: variable {arg!r} is read before it is defined")
         return _plain(consts[arg])
     return _plain(arg)
+
+
+def _plan_in_place(steps: list[_Step]) -> None:
+    """Mark the steps that may overwrite an input (`_Step.in_place`): an op with an in-place
+    form whose input dies at it, made by an earlier step of the same block (never a block
+    input: the caller's feed, or a variable of the enclosing block), and that step as one
+    whose result's ownership the run loop must check."""
+    made = {name: step for step in steps for name in step.names}
+    for step in steps:
+        if step.op.type not in IN_PLACE or len(step.names) != 1:
+            continue
+        params = IN_PLACE[step.op.type][0]
+        dead = set(step.dead)
+        pairs = tuple((p, name) for p, name in step.reads
+                      if p in params and name in dead and name in made
+                      and len(made[name].names) == 1 and made[name] is not step)
+        step.in_place = pairs
+        for _, name in pairs:
+            made[name].owns = True
 
 
 def _as_list(values) -> list:

@@ -197,6 +197,38 @@ for _name, _f in _BINARY.items():
     mil_op(_name, keeps_fp16=_name in _PICKS_VALUES)(_binary_op(_f))
 
 
+# In-place forms, for the executor: op type -> (parameters whose array the op may overwrite,
+# fn(a, param) -> the result written over a[param], or None where it does not fit there).
+# The executor uses them only on an array that no one else holds and nothing reads later.
+IN_PLACE: dict[str, tuple[tuple[str, ...], Callable]] = {}
+
+
+def _unary_in_place(f, floats_only=False):
+    def run(a, param):
+        x = a[param]
+        return None if floats_only and x.dtype.kind != "f" else f(x, out=x)
+    return run
+
+
+def _binary_in_place(f):
+    def run(a, param):
+        target, other = a[param], a["y" if param == "x" else "x"]
+        if not (_broadcasts_to(np.shape(other), target.shape)
+                and np.result_type(target, other) == target.dtype):
+            return None
+        return f(a["x"], a["y"], out=target)
+    return run
+
+
+IN_PLACE.update({
+    "relu": (("x",), _unary_in_place(lambda x, out: np.clip(x, 0, np.inf, out=out))),
+    "relu6": (("x",), _unary_in_place(lambda x, out: np.clip(x, 0, 6, out=out))),
+    "tanh": (("x",), _unary_in_place(np.tanh, floats_only=True)),
+    **{name: (("x", "y"), _binary_in_place(_BINARY[name]))
+       for name in ("add", "sub", "mul", "real_div", "maximum", "minimum")},
+})
+
+
 @mil_op("pow")
 def pow_(a, outs):
     x, y = a["x"], a["y"]

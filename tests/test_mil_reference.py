@@ -721,21 +721,63 @@ def test_ops_on_constants_only_are_folded_at_load(tmp_path, monkeypatch):
 
 
 def test_intermediates_are_freed_after_their_last_reader(tmp_path, monkeypatch):
-    path = save_program(lambda v: mb.relu(x=mb.relu(x=mb.relu(x=mb.relu(x=v)))), [rand(64)],
-                        iOS16, tmp_path)
-    program, real_relu = ReferenceProgram(path), MIL_OPS["relu"]
+    path = save_program(lambda v: mb.sigmoid(x=mb.sigmoid(x=mb.sigmoid(x=mb.sigmoid(x=v)))),
+                        [rand(64)], iOS16, tmp_path)
+    program, real_sigmoid = ReferenceProgram(path), MIL_OPS["sigmoid"]
     made, alive_at_call = [], []
 
     def spy(a, outs):
         alive_at_call.append([ref() is not None for ref in made])
-        out = real_relu(a, outs)
+        out = real_sigmoid(a, outs)
         made.append(weakref.ref(out))
         return out
 
-    monkeypatch.setitem(MIL_OPS, "relu", spy)
+    monkeypatch.setitem(MIL_OPS, "sigmoid", spy)
     program.run({"a": rand(64)})
-    # When relu k runs, only relu k-1's output (its input) may still be held.
+    # When sigmoid k runs, only sigmoid k-1's output (its input) may still be held.
     assert alive_at_call == [[], [True], [False, True], [False, False, True]]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_ops_overwrite_only_arrays_nobody_else_holds(tmp_path, monkeypatch, dtype):
+    """relu and add write over their input where it is a dead intermediate the executor made,
+    never over a feed, a constant, a value read later, or a view of one."""
+    from applec.runtime import mil_ops
+    c = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)
+
+    def build(v):
+        v, c_ = (mb.cast(x=v, dtype=dtype), c.astype(np.float16)) if dtype == "fp16" else (v, c)
+        fed = mb.relu(x=v)                     # a feed: never overwritten
+        made = mb.sub(x=fed, y=c_)             # dies at the relu below: overwritten
+        twice = mb.relu(x=made)
+        kept = mb.add(x=twice, y=c_)           # `twice` is read again below: not overwritten
+        view = mb.reshape(x=kept, shape=[12])  # a view of `kept`, which is read again
+        flat = mb.relu(x=view)
+        total = mb.add(x=mb.reshape(x=flat, shape=[3, 4]), y=mb.mul(x=twice, y=kept))
+        return mb.cast(x=total, dtype="fp32") if dtype == "fp16" else total
+
+    path = save_program(build, [rand(3, 4)], iOS16, tmp_path)
+    program = ReferenceProgram(path)
+    used = []
+    for name in ("relu", "add", "sub", "mul"):
+        params, fn = mil_ops.IN_PLACE[name]
+        monkeypatch.setitem(mil_ops.IN_PLACE, name, (params, lambda a, p, fn=fn, name=name:
+                                                     used.append((name, p)) or fn(a, p)))
+    x = rand(3, 4)
+    before = x.copy()
+    (out,) = program.run({"a": x}).values()
+    np.testing.assert_array_equal(x, before)
+    q = (lambda t: t.astype(np.float16).astype(np.float32)) if dtype == "fp16" else (lambda t: t)
+    fed, cq = np.maximum(q(x), 0), q(c)
+    twice = np.maximum(q(fed - cq), 0)
+    kept = q(twice + cq)
+    want = q(np.maximum(kept, 0) + q(twice * kept))
+    np.testing.assert_array_equal(out, want)
+    # sub over `fed` (a relu's result), the relu over `made`, mul over `twice` or `kept` (both
+    # die there), the last add over the product; in fp16 the first relu over the feed's cast
+    assert [name for name, _ in used] == ["relu"] * (dtype == "fp16") + [
+        "sub", "relu", "mul", "add"]
+    assert used[-1] == ("add", "y") and ("sub", "x") in used
 
 
 # ---- errors -------------------------------------------------------------------------------------
