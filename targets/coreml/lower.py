@@ -25,6 +25,7 @@ import contextlib
 import gc
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
@@ -220,8 +221,10 @@ def lower_to_program(graph: Graph, precision: str, opset) -> Lowered:
         for node in graph.nodes:
             before = len(func.operations)
             lower_node(lw, node, RULES)
-            mil_ops[node.name] = [op.op_type for op in list(func.operations)[before:]
-                                  if op.op_type != "const"]
+            # the ops it appended, read from the end: a list of all of them per node would
+            # make lowering quadratic in the program's size
+            added = itertools.islice(reversed(func.operations), len(func.operations) - before)
+            mil_ops[node.name] = [op.op_type for op in added if op.op_type != "const"][::-1]
         outputs, out_vars = [], []
         for feature, value in zip(out_features, graph.outputs):
             boundary = BOUNDARY[value.dtype.kind]
