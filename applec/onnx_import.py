@@ -12,10 +12,14 @@ Import does, in order:
    Shape -> Gather -> Concat -> Reshape into a constant shape) and give every other value a
    static shape from the op table, checked against onnx's inference where it has one. An
    If whose condition is constant by then is replaced by its taken branch; the branches of
-   the others are propagated in turn (`applec.control_flow`).
+   the others are propagated in turn; a Loop or Scan is unrolled (`applec.control_flow`).
 
 Graph inputs that also have an initializer are treated as constants (the ONNX spec lets a
 runtime override them; a compiled bundle does not).
+
+Ops come from the ONNX domain, and from onnxruntime's com.microsoft domain those the op
+table has (keyed '<domain>.<op_type>', see `op_key` and applec/ops/qoperator.py); any
+other op fails at import with an UnsupportedOpError naming it with its domain.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from onnx import helper, numpy_helper
 from . import control_flow, ops
 from .errors import ModelError, ShapeError, UnsupportedOpError
 from .ir import Graph, Node, Value, unique_name
+from .ops.qoperator import CONTRIB_ALIASES, CONTRIB_DOMAINS
 
 ONNX_DOMAINS = ("", "ai.onnx")
 
@@ -93,6 +98,7 @@ def light_model(model: onnx.ModelProto) -> onnx.ModelProto:
 def check_and_infer(model: onnx.ModelProto, path) -> onnx.ModelProto:
     """onnx's checker and shape inference (with data propagation) on the light model."""
     light = light_model(model)
+    _stand_in_deprecated(light)
     try:
         onnx.checker.check_model(light)
     except onnx.checker.ValidationError as exc:
@@ -101,6 +107,23 @@ def check_and_infer(model: onnx.ModelProto, path) -> onnx.ModelProto:
         return onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
     except Exception as exc:
         raise ModelError(f"{path}: onnx shape inference failed: {_first_line(exc)}") from None
+
+
+# Old forms onnx's checker refuses as deprecated, though they are valid at their opset,
+# onnxruntime runs them and the importer rewrites them (CANONICAL_REWRITES): op -> the
+# opset of the form that replaced it.
+DEPRECATED_FORMS = {"GroupNormalization": 21}
+
+
+def _stand_in_deprecated(light: onnx.ModelProto) -> None:
+    """In the copy that onnx checks, an old-form node becomes Identity of its first input:
+    the same output type and shape, all that checking and inference need from it."""
+    opset = opset_of(light)
+    for node in _all_nodes(light.graph):
+        if node.domain in ONNX_DOMAINS and opset < DEPRECATED_FORMS.get(node.op_type, 0):
+            node.op_type = "Identity"
+            del node.input[1:]
+            del node.attribute[:]
 
 
 def _first_line(exc: Exception) -> str:
@@ -196,6 +219,8 @@ def _check_ops_supported(model: onnx.ModelProto, opset: int) -> None:
     for node in _all_nodes(model.graph):
         if node.domain not in ONNX_DOMAINS:
             key = f"{node.domain}.{node.op_type}"
+            if node.domain in CONTRIB_DOMAINS and op_key(node) in ops.OPS:
+                continue
         elif node.op_type == "Constant" or node.op_type in ops.OPS \
                 or node.op_type in CANONICAL_REWRITES:
             continue
@@ -206,6 +231,15 @@ def _check_ops_supported(model: onnx.ModelProto, opset: int) -> None:
         listed = ", ".join(f"{op} (node '{name}')" for op, name in missing.items())
         word = "op" if len(missing) == 1 else "ops"
         raise UnsupportedOpError(f"unsupported {word} at opset {opset}: {listed}")
+
+
+def op_key(node: onnx.NodeProto) -> str:
+    """The op table key of an ONNX node: its op_type in the ONNX domain, else
+    '<domain>.<op_type>' (an onnxruntime contrib op an ONNX op also is: that op)."""
+    if node.domain in ONNX_DOMAINS:
+        return node.op_type
+    key = f"{node.domain}.{node.op_type}"
+    return CONTRIB_ALIASES.get(key, key)
 
 
 def _all_nodes(graph: onnx.GraphProto):
@@ -346,13 +380,15 @@ class _Builder:
         rewrite = CANONICAL_REWRITES.get(proto.op_type)
         if proto.op_type == "If":
             node = self._if(name, inputs, outputs, attrs)
+        elif proto.op_type in ("Loop", "Scan"):
+            node = self._loop(proto.op_type, name, inputs, outputs, attrs)
         elif any(isinstance(v, onnx.GraphProto) for v in attrs.values()):
             raise UnsupportedOpError(f"node '{name}' ({proto.op_type}): subgraph attributes "
-                                     "are supported on If only")
+                                     "are supported on If, Loop and Scan only")
         elif rewrite is not None:
             node = rewrite(self, name, inputs, outputs, attrs)
         else:
-            node = self.graph.add_node(proto.op_type, inputs, attrs, name=name, outputs=outputs)
+            node = self.graph.add_node(op_key(proto), inputs, attrs, name=name, outputs=outputs)
         node.meta["onnx_node"] = name
         for output_name, value in zip(proto.output, outputs):
             if output_name:
@@ -374,6 +410,43 @@ class _Builder:
             branches[key] = child.graph
             captures += child.captures
         return self.graph.add_node("If", [inputs[0], *captures], branches, name=name,
+                                   outputs=outputs)
+
+    def _loop(self, op_type, name, inputs, outputs, attrs) -> Node:
+        """Loop, Scan: the body's IR graph takes its declared inputs, then its captures,
+        which the node binds after its own inputs (see `applec.ops.control`). An opset-8
+        Scan (a batch axis first, no sequence_lens) keeps its form, marked `batched`."""
+        proto = attrs.get("body")
+        if not isinstance(proto, onnx.GraphProto):
+            raise ModelError(f"{op_type} node '{name}' has no body")
+        if op_type == "Scan" and self.opset_below(9):
+            if inputs and inputs[0] is not None:
+                raise UnsupportedOpError(f"Scan node '{name}' (opset {self.opset}): "
+                                         "sequence_lens is not supported")
+            inputs = inputs[1:]
+            attrs["batched"] = True
+            if "directions" in attrs:
+                attrs["scan_input_directions"] = attrs.pop("directions")
+        child = _Builder(self.model, self.inferred_model, self.opset, parent=self,
+                         graph_name=f"{name}/body", prefix=f"{name}/body/")
+        child._initializers(proto)
+        for info in proto.input:  # an untyped one takes the type of what it is bound to
+            kind = info.type.WhichOneof("value")
+            if kind not in (None, "tensor_type"):
+                raise UnsupportedOpError(f"{op_type} node '{name}': body input '{info.name}' "
+                                         f"holds {kind} values; only tensors are supported")
+            tensor_type = info.type.tensor_type
+            dims = [d.dim_value if d.HasField("dim_value") else -1
+                    for d in tensor_type.shape.dim]
+            shape = dims if tensor_type.HasField("shape") and min(dims, default=0) >= 0 \
+                else None
+            dtype = onnx_dtype(tensor_type.elem_type) if tensor_type.elem_type else None
+            child.values[info.name] = child.graph.add_input(info.name, dtype, shape)
+        child._body(proto)
+        attrs.update(body=child.graph, num_captures=len(child.captures))
+        if op_type == "Loop":
+            inputs = list(inputs) + [None] * (2 - len(inputs))  # M and cond may be absent
+        return self.graph.add_node(op_type, [*inputs, *child.captures], attrs, name=name,
                                    outputs=outputs)
 
     def _constant(self, proto, name, attrs) -> None:
@@ -408,7 +481,8 @@ class _Builder:
             return value.decode("utf-8", errors="replace")
         if isinstance(value, list) and value and isinstance(value[0], bytes):
             return [v.decode("utf-8", errors="replace") for v in value]
-        if attr.name == "to" and attr.type == onnx.AttributeProto.INT:
+        if attr.name in ("to", "dtype", "output_datatype") and \
+                attr.type == onnx.AttributeProto.INT:
             return onnx_dtype(value)
         return value
 
@@ -515,6 +589,49 @@ def _batchnorm(b: _Builder, name, inputs, outputs, attrs):
                             outputs=outputs[:1])
 
 
+def _group_norm_per_group(b: _Builder, name, inputs, outputs, attrs):
+    """GroupNormalization before opset 21 scales and shifts per group: scale and bias [G]
+    become per-channel [C], each repeated C / G times. C is read with Shape, so the helper
+    nodes fold to constants once shapes are known (a run-time scale keeps them)."""
+    groups = attrs.get("num_groups")
+    if b.opset_below(21) and groups is not None and len(inputs) == 3:
+        g = b.graph
+        helpers = [g.add_node("Shape", [inputs[0]], {"start": 1, "end": 2},
+                              name=f"{name}_channels")]
+        helpers.append(g.add_node("Div", [helpers[-1].outputs[0], b.const(
+            np.asarray([groups], np.int64), f"{name}_groups")], name=f"{name}_group_size"))
+        helpers.append(g.add_node("Concat", [b.const(np.asarray([1], np.int64), f"{name}_one"),
+                                             helpers[-1].outputs[0]], {"axis": 0},
+                                  name=f"{name}_reps"))
+        reps = helpers[-1].outputs[0]
+        per_channel = []
+        for value in inputs[1:]:
+            helpers.append(g.add_node("Unsqueeze", [value, b.const(
+                np.asarray([1], np.int64), f"{name}_axis")], name=f"{name}_column"))
+            helpers.append(g.add_node("Tile", [helpers[-1].outputs[0], reps],
+                                      name=f"{name}_tiled"))
+            helpers.append(g.add_node("Reshape", [helpers[-1].outputs[0], b.const(
+                np.asarray([-1], np.int64), f"{name}_flat")], name=f"{name}_per_channel"))
+            per_channel.append(helpers[-1].outputs[0])
+        for helper in helpers:
+            helper.meta["onnx_node"] = name
+        inputs = [inputs[0], *per_channel]
+    return b.graph.add_node("GroupNormalization", inputs, attrs, name=name, outputs=outputs)
+
+
+def _scatter_v9(b: _Builder, name, inputs, outputs, attrs):
+    """Scatter (deprecated in opset 11) is ScatterElements without a reduction."""
+    return b.graph.add_node("ScatterElements", inputs, attrs, name=name, outputs=outputs)
+
+
+def _grid_sample_v16(b: _Builder, name, inputs, outputs, attrs):
+    """GridSample-16 names its modes bilinear and bicubic; opset 20 linear and cubic."""
+    if "mode" in attrs:
+        attrs["mode"] = {"bilinear": "linear", "bicubic": "cubic"}.get(attrs["mode"],
+                                                                       attrs["mode"])
+    return b.graph.add_node("GridSample", inputs, attrs, name=name, outputs=outputs)
+
+
 def _resize_legacy(b: _Builder, name, inputs, outputs, attrs):
     """Upsample (opsets 7-9) and Resize-10 -> Resize: scales become input 2; coordinates
     are asymmetric; nearest rounds as onnxruntime did before nearest_mode existed
@@ -544,6 +661,14 @@ def _resize_legacy(b: _Builder, name, inputs, outputs, attrs):
                             outputs=outputs)
 
 
+def _dft_v17(b: _Builder, name, inputs, outputs, attrs):
+    """Before opset 20 DFT's axis is an attribute (default 1); since, input 2 (default -2)."""
+    if b.opset_below(20):
+        axis = b.const(np.int64(attrs.pop("axis", 1)), f"{name}_axis")
+        inputs = (list(inputs) + [None, None])[:2] + [axis]
+    return b.graph.add_node("DFT", inputs, attrs, name=name, outputs=outputs)
+
+
 REDUCE_AXES_INPUT_SINCE = {"ReduceSum": 13}
 for _op in ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
             "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare"):
@@ -562,20 +687,30 @@ CANONICAL_REWRITES = {
     "BatchNormalization": _batchnorm,
     "Resize": _resize_legacy,
     "Upsample": _resize_legacy,
+    "DFT": _dft_v17,
+    "Hardmax": _softmax_family("Hardmax"),
+    "GroupNormalization": _group_norm_per_group,
+    "Scatter": _scatter_v9,
+    "GridSample": _grid_sample_v16,
     **{op: _attr_to_input("axes", 1, since) for op, since in REDUCE_AXES_INPUT_SINCE.items()},
 }
 
 
 # -- 5. propagation ----------------------------------------------------------------------
-def propagate(graph: Graph) -> None:
-    """Fold all-constant nodes and give every value a static shape (see module doc).
+UNROLLED = {"Loop": control_flow.propagate_loop, "Scan": control_flow.propagate_scan}
+
+
+def propagate(graph: Graph, nodes: list[Node] | None = None) -> None:
+    """Fold all-constant nodes and give every value a static shape (see module doc); only
+    `nodes` of `graph` when given (a Loop's copies of its body, one iteration at a time).
 
     An If whose condition is constant by now is replaced by its taken branch, which is
-    then propagated like the rest; any other If has its branches propagated first.
+    then propagated like the rest; any other If has its branches propagated first. A Loop
+    or Scan is unrolled, each copy of its body propagated before the next.
     """
     from .interpreter import try_fold  # the interpreter depends on ops only
 
-    pending = deque(graph.nodes)
+    pending = deque(graph.nodes if nodes is None else nodes)
     while pending:
         original = pending.popleft()
         if original.op_type not in ops.OPS:
@@ -586,6 +721,9 @@ def propagate(graph: Graph) -> None:
             if inlined is not None:
                 pending.extendleft(reversed(inlined))
                 continue
+        if original.op_type in UNROLLED:
+            UNROLLED[original.op_type](graph, original, propagate)
+            continue
         expanded = _expand_flattening_softmax(graph, original) \
             if "flatten_axis" in original.meta else [original]
         for node in expanded:

@@ -51,7 +51,9 @@ EMITTED_BY_LOWERING = (
     "slice_by_index", "slice_by_size", "squeeze", "expand_dims", "tile", "fill", "range_1d",
     "pad", "shape", "topk", "cumsum", "argsort", "band_part", "scaled_dot_product_attention",
     "upsample_nearest_neighbor", "upsample_bilinear", "resize_bilinear", "conv_transpose",
-    "local_response_norm", "reverse", "lstm",
+    "local_response_norm", "reverse", "lstm", "rnn",
+    "tan", "asin", "acos", "atan", "sinh", "cosh", "atanh", "softsign", "prelu",
+    "scatter_nd", "scatter_along_axis", "reverse_sequence",
 )
 
 
@@ -165,7 +167,7 @@ _UNARY = {
     "cos": np.cos, "tan": np.tan, "asin": np.arcsin, "acos": np.arccos, "atan": np.arctan,
     "sinh": np.sinh, "cosh": np.cosh, "atanh": np.arctanh, "square": np.square,
     "logical_not": np.logical_not, "silu": _silu,
-    "softplus": lambda x: np.logaddexp(x, 0),
+    "softplus": lambda x: np.logaddexp(x, 0), "softsign": lambda x: x / (1 + np.abs(x)),
 }
 _BINARY = {
     "add": np.add, "sub": np.subtract, "mul": np.multiply, "real_div": np.true_divide,
@@ -1101,6 +1103,56 @@ def gather_nd(a, outs):
     return x[tuple(grids) + tuple(cols)]
 
 
+_SCATTER_MODES = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide,
+                  "max": np.maximum, "min": np.minimum}
+
+
+def _scatter(x, index, updates, mode):
+    """A copy of x with updates written at the advanced `index` ("update": the last write
+    of a duplicate wins) or combined with what is there by `mode`."""
+    out = np.array(x)
+    if mode == "update":
+        out[index] = updates
+    elif mode == "div" and out.dtype.kind != "f":
+        raise ValueError("scatter mode 'div' on integers is not supported")
+    else:
+        _SCATTER_MODES[mode].at(out, index, updates)
+    return out
+
+
+@mil_op("scatter_nd")  # not keeps_fp16: add and mul make new values
+def scatter_nd(a, outs):
+    x, idx = a["data"], a["indices"]
+    cols = [_wrap_indices(idx[..., i], x.shape[i]) for i in range(idx.shape[-1])]
+    return _scatter(x, tuple(cols), a["updates"], _str(a, "mode", "add"))
+
+
+@mil_op("scatter_along_axis")
+def scatter_along_axis(a, outs):
+    x, idx, axis = a["data"], a["indices"], _int(a, "axis", 0)
+    axis %= x.ndim
+    index = list(np.indices(idx.shape, sparse=True))
+    index[axis] = _wrap_indices(idx, x.shape[axis])
+    return _scatter(x, tuple(index), a["updates"], _str(a, "mode", "add"))
+
+
+@mil_op("reverse_sequence", keeps_fp16=True)
+def reverse_sequence(a, outs):
+    x, lengths = a["x"], a["lengths"].astype(np.int64).reshape(-1)
+    seq_axis, batch_axis = _int(a, "seq_axis", 0) % x.ndim, _int(a, "batch_axis", 0) % x.ndim
+    steps = x.shape[seq_axis]
+    if np.any((lengths < 0) | (lengths > steps)):
+        raise ValueError(f"reverse_sequence lengths {lengths.tolist()} outside [0, {steps}]")
+    t = np.arange(steps)
+    source = np.where(t < lengths[:, None], lengths[:, None] - 1 - t, t)  # [batch, steps]
+    shape = [1] * x.ndim
+    shape[batch_axis], shape[seq_axis] = len(lengths), steps
+    if batch_axis > seq_axis:
+        source = source.T
+    source = np.broadcast_to(source.reshape(shape), x.shape)
+    return np.take_along_axis(x, source, axis=seq_axis)
+
+
 # ---- resizing -------------------------------------------------------------------------------
 
 def sampling_grid(n_in, n_out, mode):
@@ -1235,7 +1287,9 @@ def lstm(a, outs):
         seq, h, c = _lstm_direction(
             xs, h0[:, state], c0[:, state], a["weight_ih" + suffix], a["weight_hh" + suffix],
             a.get("bias" + suffix), a.get("peephole" + suffix), acts, clip)
-        runs.append((seq[::-1] if backward else seq, h, c))
+        # a "reverse" lstm returns its sequence in processing order (coremltools' op tests
+        # expect that); the backward half of a bidirectional one is in time order
+        runs.append((seq[::-1] if suffix == "_back" else seq, h, c))
     if len(runs) == 1:
         seq, h, c = runs[0]
     else:
@@ -1244,6 +1298,23 @@ def lstm(a, outs):
     if not _bool(a, "output_sequence"):
         seq = h[None]
     return seq, h, c
+
+
+@mil_op("rnn")
+def rnn(a, outs):
+    """h = activation(x W_ih + h W_hh + bias), one direction; a "reverse" rnn returns its
+    sequence in processing order, as lstm does."""
+    x, w_ih, w_hh = a["x"], a["weight_ih"], a["weight_hh"]
+    act = _RNN_ACTIVATIONS[_str(a, "activation", "tanh").lower()]
+    xs = x[::-1] if _str(a, "direction", "forward") == "reverse" else x
+    x_proj = np.matmul(xs, w_ih.T)  # all steps at once
+    if a.get("bias") is not None:
+        x_proj += a["bias"]
+    h = a["initial_h"]
+    hs = np.empty(x_proj.shape[:2] + (w_hh.shape[0],), x_proj.dtype)
+    for t, x_t in enumerate(x_proj):
+        h = hs[t] = act(x_t + np.matmul(h, w_hh.T))
+    return (hs if _bool(a, "output_sequence") else h[None]), h
 
 
 # ---- compressed constants (constexpr_*) -------------------------------------------------------

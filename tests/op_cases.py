@@ -504,7 +504,7 @@ LSTM = [
     case("lstm_relu_cell", "LSTM", [x(3, 1, 2), w(1, 12, 2, kind="uniform"),
                                     w(1, 12, 3, kind="uniform")],
          {"hidden_size": 3, "activations": ["Sigmoid", "Relu", "Tanh"]}, opset=14, outputs=3),
-    # no MIL equivalent: compile-time errors (tests/test_ops_compiled.py UNSUPPORTED)
+    # beyond MIL's lstm: composed step by step (targets/coreml/rules_rnn.py)
     case("lstm_clip", "LSTM", [x(3, 1, 2), w(1, 12, 2), w(1, 12, 3)],
          {"hidden_size": 3, "clip": 0.5}, opset=14, outputs=3),
     case("lstm_short_sequence_lens", "LSTM", [x(4, 2, 3), w(1, 12, 3), w(1, 12, 3), None,
@@ -601,6 +601,27 @@ QDQ = [
 
 # ops tested elsewhere, because a one-node case cannot hold them
 COVERED_ELSEWHERE = {"If": "tests/test_control_flow.py: its branches are subgraphs"}
+COVERED_ELSEWHERE.update(dict.fromkeys(["GRU", "RNN"], "tests/test_ops_recurrent.py"))
+COVERED_ELSEWHERE.update(dict.fromkeys(
+    ["DFT", "STFT", "HannWindow", "HammingWindow", "BlackmanWindow", "MelWeightMatrix"],
+    "tests/test_ops_spectral.py"))
+COVERED_ELSEWHERE.update(dict.fromkeys(
+    ["Tan", "Asin", "Acos", "Atan", "Sinh", "Cosh", "Asinh", "Acosh", "Atanh", "Round",
+     "Softsign", "Mish", "Selu", "Celu", "ThresholdedRelu", "Shrink", "Swish", "PRelu",
+     "Hardmax", "LpNormalization", "MeanVarianceNormalization", "ReduceLogSum",
+     "GroupNormalization", "RMSNormalization", "LpPool", "GlobalLpPool"],
+    "tests/test_ops_activations.py"))
+COVERED_ELSEWHERE.update(dict.fromkeys(
+    ["DepthToSpace", "SpaceToDepth", "ScatterND", "ScatterElements", "OneHot", "EyeLike",
+     "Einsum", "ReverseSequence", "CenterCropPad", "GridSample", "NonZero", "Compress"],
+    "tests/test_ops_indexing.py"))
+COVERED_ELSEWHERE.update(dict.fromkeys(
+    ["Loop", "Scan"], "tests/test_loop_scan.py: their bodies are subgraphs"))
+COVERED_ELSEWHERE.update(dict.fromkeys(
+    ["QLinearConv", "QLinearMatMul"] + [f"com.microsoft.{op}" for op in (
+        "QGemm", "QLinearAdd", "QLinearAveragePool", "QLinearConcat", "QLinearGlobalAveragePool",
+        "QLinearLeakyRelu", "QLinearMul", "QLinearSigmoid", "QLinearSoftmax")],
+    "tests/test_qoperator.py: compared with onnxruntime on quantized inputs"))
 
 CASES: list[OpCase] = ELEMENTWISE + CONV + POOL + NORM + LINEAR + REDUCE + TENSOR + RESIZE \
     + LSTM + QDQ

@@ -483,7 +483,10 @@ def lstm_case(direction):
         y, yh, yc = onnx_run("LSTM", {"x": x, "w": w, "r": r, "b": bias, "seq": None, "h0": h0,
                                       "c0": c0}, {"hidden_size": HID, "direction": direction},
                              n_out=3)
-        return [y.transpose(0, 2, 1, 3).reshape(T, BATCH, d * HID), to_mil(yh), to_mil(yc)]
+        y = y.transpose(0, 2, 1, 3).reshape(T, BATCH, d * HID)
+        # MIL's "reverse" lstm returns its sequence in processing order, last step first
+        # (coremltools' own lstm/gru/rnn op tests expect that); ONNX's Y is in time order
+        return [y[::-1] if direction == "reverse" else y, to_mil(yh), to_mil(yc)]
 
     case(f"lstm_{direction}", lambda x: mb.lstm(x=x, initial_h=to_mil(h0), initial_c=to_mil(c0),
                                                 **kw),

@@ -23,8 +23,6 @@ UNSUPPORTED: dict[str, str] = {
     "resize_cubic": "mode 'cubic' .* matches no CoreML resize",
     "resize_linear_fractional_scale": "axis 2 \\(5 -> 7, scale 1.5\\) matches no CoreML resize",
     "resize_linear_antialias_down": "mode 'linear' with antialias .* matches no CoreML resize",
-    "lstm_clip": "clip: MIL's lstm clips the cell state",
-    "lstm_short_sequence_lens": "sequence_lens shorter than the sequence",
 }
 
 PARAMS = [pytest.param(case, precision, id=f"{case.id}-{precision}")

@@ -146,3 +146,7 @@ class Binary(OpDef):
 
 # Importing the entry modules fills OPS.
 from . import control, elementwise, fused, nn, qdq, quant, reduce, resize, rnn, tensor  # noqa: E402,F401
+from . import activations  # noqa: E402,F401
+from . import indexing  # noqa: E402,F401
+from . import qoperator  # noqa: E402,F401
+from . import spectral  # noqa: E402,F401

@@ -1,15 +1,21 @@
-"""Op table entry: LSTM (ONNX opset 14 form: `layout` attribute, peepholes, sequence_lens).
+"""Op table entries: LSTM, GRU and RNN (ONNX opset 14+ forms: `layout`, sequence_lens).
 
-Inputs X, W, R, B, sequence_lens, initial_h, initial_c, P; gates stacked in ONNX order
-i, o, f, c (peepholes i, o, f); B is the input bias then the recurrence bias. With
-layout 0 X is [seq, batch, input], Y [seq, dirs, batch, hidden] and Y_h / Y_c
-[dirs, batch, hidden]; layout 1 puts batch first in all of them. The reference follows
-onnxruntime: `clip` bounds every gate's input before its activation, `input_forget` uses
-1 - i as the forget gate, and a batch row shorter than seq (sequence_lens) stops there:
-its later Y steps are 0 and Y_h / Y_c hold its last real step.
+The three share inputs X, W, R, B, sequence_lens, initial_h (LSTM adds initial_c and P)
+and their layouts: with layout 0 X is [seq, batch, input], Y [seq, dirs, batch, hidden]
+and the states [dirs, batch, hidden]; layout 1 puts batch first in all of them. B is the
+input bias then the recurrence bias. Gates are stacked in ONNX order: LSTM i, o, f, c
+(peepholes i, o, f); GRU z (update), r (reset), h (hidden); RNN one gate.
+
+The references follow onnxruntime: `clip` bounds every gate's input before its
+activation; LSTM's `input_forget` uses 1 - i as the forget gate; GRU's
+`linear_before_reset` applies the reset gate after the recurrence's matmul and bias
+instead of before; a batch row shorter than seq (sequence_lens) stops there: its later
+Y steps are 0 and the final states hold its last real step (0 for a row of length 0).
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import numpy as np
 
@@ -33,7 +39,6 @@ ACTIVATIONS = {  # name -> (function(x, alpha, beta), default alpha, default bet
     "Softsign": (lambda x, a, b: x / (1 + np.abs(x)), None, None),
     "Softplus": (lambda x, a, b: np.logaddexp(0, x), None, None),
 }
-DEFAULT_ACTIVATIONS = ("Sigmoid", "Tanh", "Tanh")
 DIRECTIONS = {"forward": 1, "reverse": 1, "bidirectional": 2}
 
 
@@ -45,14 +50,22 @@ def canonical_activation(name: str) -> str:
     return str(name)
 
 
-@register
-class LSTM(OpDef):
-    # W, R, B, sequence_lens and P: no shape depends on them, but a compiled LSTM needs
-    # them at compile time (MIL's lstm takes constant weights), as exporters emit them
-    static_inputs = (1, 2, 3, 4, 7)
-    attrs = {"activation_alpha": None, "activation_beta": None, "activations": None,
-             "clip": None, "direction": "forward", "hidden_size": None, "input_forget": 0,
-             "layout": 0}
+def apply(act, x):
+    """One (name, alpha, beta) activation applied to x."""
+    name, alpha, beta = act
+    return ACTIVATIONS[name][0](x, alpha, beta)
+
+
+class Recurrent(OpDef):
+    """What LSTM, GRU and RNN share: directions, activations, sizes, layouts, and the
+    scan over time that honours sequence_lens."""
+
+    gates: ClassVar[int] = 1                      # gate blocks stacked in W and R
+    default_activations: ClassVar[tuple[str, ...]] = ()
+    # W, R, B and sequence_lens: no shape depends on them, but a compiled recurrence
+    # takes them at compile time (constant weights, static lengths), as exporters emit them
+    static_inputs = (1, 2, 3, 4)
+    state_inputs: ClassVar[tuple[int, ...]] = (5,)  # initial_h (LSTM: and initial_c)
 
     # -- attributes ------------------------------------------------------------------------
     def directions(self, node) -> int:
@@ -61,12 +74,17 @@ class LSTM(OpDef):
             self.fail(node, f"unknown direction '{direction}'")
         return DIRECTIONS[direction]
 
+    def backward(self, node, d: int) -> bool:
+        """Whether direction `d` runs from the last step to the first."""
+        return self.attr(node, "direction") == "reverse" or d == 1
+
     def activations(self, node) -> list[list[tuple[str, float | None, float | None]]]:
-        """Per direction: (name, alpha, beta) of f, g and h."""
+        """Per direction: (name, alpha, beta) of each activation (f, g, h for LSTM)."""
         dirs = self.directions(node)
+        count = len(self.default_activations)
         names = [canonical_activation(n) for n in
-                 (self.attr(node, "activations") or DEFAULT_ACTIVATIONS * dirs)]
-        if len(names) != 3 * dirs:
+                 (self.attr(node, "activations") or self.default_activations * dirs)]
+        if len(names) != count * dirs:
             self.fail(node, f"{len(names)} activations for {dirs} direction(s)")
         alphas = list(self.attr(node, "activation_alpha") or [])
         betas = list(self.attr(node, "activation_beta") or [])
@@ -80,7 +98,7 @@ class LSTM(OpDef):
             if beta is not None and betas:
                 beta = float(betas.pop(0))
             result.append((name, alpha, beta))
-        return [result[3 * d:3 * d + 3] for d in range(dirs)]
+        return [result[count * d:count * (d + 1)] for d in range(dirs)]
 
     def sizes(self, node) -> tuple[int, int, int, int, int]:
         """(seq, batch, input, hidden, directions), checked against W and R."""
@@ -91,10 +109,14 @@ class LSTM(OpDef):
         seq, batch, size = (x.shape[1], x.shape[0], x.shape[2]) if layout else x.shape
         dirs = self.directions(node)
         hidden = self.attr(node, "hidden_size") or (r.shape[-1] if len(r.shape) == 3 else 0)
-        if tuple(w.shape) != (dirs, 4 * hidden, size):
-            self.fail(node, f"W must be [{dirs}, {4 * hidden}, {size}]")
-        if tuple(r.shape) != (dirs, 4 * hidden, hidden):
-            self.fail(node, f"R must be [{dirs}, {4 * hidden}, {hidden}]")
+        rows = self.gates * hidden
+        if tuple(w.shape) != (dirs, rows, size):
+            self.fail(node, f"W must be [{dirs}, {rows}, {size}]")
+        if tuple(r.shape) != (dirs, rows, hidden):
+            self.fail(node, f"R must be [{dirs}, {rows}, {hidden}]")
+        b = node.input(3)
+        if b is not None and tuple(b.shape) != (dirs, 2 * rows):
+            self.fail(node, f"B must be [{dirs}, {2 * rows}]")
         return seq, batch, size, hidden, dirs
 
     # -- the two rules ---------------------------------------------------------------------
@@ -102,68 +124,142 @@ class LSTM(OpDef):
         seq, batch, _, hidden, dirs = self.sizes(node)
         self.activations(node)
         dtype = node.inputs[0].dtype
+        states = len(self.state_inputs)
         if self.attr(node, "layout"):
-            return [((batch, seq, dirs, hidden), dtype), ((batch, dirs, hidden), dtype),
-                    ((batch, dirs, hidden), dtype)]
-        return [((seq, dirs, batch, hidden), dtype), ((dirs, batch, hidden), dtype),
-                ((dirs, batch, hidden), dtype)]
+            return [((batch, seq, dirs, hidden), dtype)] + \
+                [((batch, dirs, hidden), dtype)] * states
+        return [((seq, dirs, batch, hidden), dtype)] + [((dirs, batch, hidden), dtype)] * states
 
     def reference(self, node, inputs):
-        x, w, r = inputs[:3]
-        b, lens, h0, c0, p = (inputs[i] if i < len(inputs) else None for i in range(3, 8))
+        """Y and the final states, one direction at a time through `cell`."""
+        x = inputs[0]
         seq, batch, _, hidden, dirs = self.sizes(node)
         layout = self.attr(node, "layout")
-        dtype = x.dtype
         work = np.float64
         x = (np.swapaxes(x, 0, 1) if layout else x).astype(work)
-        if layout:
-            h0 = None if h0 is None else np.swapaxes(h0, 0, 1)
-            c0 = None if c0 is None else np.swapaxes(c0, 0, 1)
+        lens = inputs[4] if len(inputs) > 4 else None
         lens = np.full(batch, seq) if lens is None else np.asarray(lens).astype(np.int64)
+        initial = [inputs[i] if i < len(inputs) else None for i in self.state_inputs]
+        initial = [None if s is None else (np.swapaxes(s, 0, 1) if layout else s).astype(work)
+                   for s in initial]
         clip = self.attr(node, "clip")
+        bound = (lambda v: np.clip(v, -clip, clip)) if clip is not None else (lambda v: v)
         y = np.zeros((seq, dirs, batch, hidden), work)
-        y_h = np.zeros((dirs, batch, hidden), work)
-        y_c = np.zeros((dirs, batch, hidden), work)
+        finals = [np.zeros((dirs, batch, hidden), work) for _ in initial]
         for d, acts in enumerate(self.activations(node)):
-            backward = self.attr(node, "direction") == "reverse" or d == 1
-            state = (np.zeros((batch, hidden), work) if h0 is None else h0[d].astype(work),
-                     np.zeros((batch, hidden), work) if c0 is None else c0[d].astype(work))
-            bias = np.zeros(8 * hidden) if b is None else b[d].astype(work)
-            peep = np.zeros(3 * hidden) if p is None else p[d].astype(work)
-            params = (w[d].astype(work), r[d].astype(work), bias[:4 * hidden] +
-                      bias[4 * hidden:], np.split(peep, 3))
-            y[:, d], y_h[d], y_c[d] = self._direction(x, lens, state, params, acts, clip,
-                                                      backward, bool(self.attr(node,
-                                                                               "input_forget")))
+            state = tuple(np.zeros((batch, hidden), work) if s is None else s[d]
+                          for s in initial)
+            cell = self.cell(node, inputs, d, acts, bound)
+            y[:, d], last = scan(x, lens, state, cell, self.backward(node, d))
+            for final, value in zip(finals, last):
+                final[d] = np.where((lens > 0)[:, None], value, 0)  # as onnxruntime does
         if layout:
-            y, y_h, y_c = np.transpose(y, (2, 0, 1, 3)), np.swapaxes(y_h, 0, 1), \
-                np.swapaxes(y_c, 0, 1)
-        return [y.astype(dtype), y_h.astype(dtype), y_c.astype(dtype)]
+            y, finals = np.transpose(y, (2, 0, 1, 3)), [np.swapaxes(f, 0, 1) for f in finals]
+        return [a.astype(inputs[0].dtype) for a in [y, *finals]]
+
+    def cell(self, node, inputs, d, acts, bound):
+        """The step function of direction `d`: (x_t, state) -> new state (h first)."""
+        raise NotImplementedError
 
     @staticmethod
-    def _direction(x, lens, state, params, acts, clip, backward, input_forget):
-        """One direction over x [seq, batch, input]; returns Y [seq, batch, hidden], h, c."""
-        w, r, bias, (p_i, p_o, p_f) = params
-        (f, fa, fb), (g, ga, gb), (h, ha, hb) = [(ACTIVATIONS[n][0], a, b) for n, a, b in acts]
-        seq, batch = x.shape[:2]
-        hidden = r.shape[1]
-        h_t, c_t = state
-        y = np.zeros((seq, batch, hidden))
-        bound = (lambda v: np.clip(v, -clip, clip)) if clip is not None else (lambda v: v)
-        for step in range(seq):
-            # each row reads its own time index: reversed within its length when backward
-            t = np.where(backward, lens - 1 - step, step)
-            active = step < lens
-            x_t = x[np.clip(t, 0, seq - 1), np.arange(batch)]
-            gates = x_t @ w.T + h_t @ r.T + bias
-            g_i, g_o, g_f, g_c = np.split(gates, 4, axis=1)
-            i = f(bound(g_i + p_i * c_t), fa, fb)
-            forget = 1 - i if input_forget else f(bound(g_f + p_f * c_t), fa, fb)
-            c_new = forget * c_t + i * g(bound(g_c), ga, gb)
-            o = f(bound(g_o + p_o * c_new), fa, fb)
-            h_new = o * h(c_new, ha, hb)
-            keep = active[:, None]
-            h_t, c_t = np.where(keep, h_new, h_t), np.where(keep, c_new, c_t)
-            rows = np.arange(batch)[active]
-            y[t[active], rows] = h_new[active]
-        return y, h_t, c_t
+    def weights(inputs, d, rows):
+        """W[d], R[d] and the input and recurrence biases of direction `d`, in float64."""
+        w, r = inputs[1][d].astype(np.float64), inputs[2][d].astype(np.float64)
+        b = inputs[3] if len(inputs) > 3 and inputs[3] is not None else None
+        both = np.zeros(2 * rows) if b is None else b[d].astype(np.float64)
+        return w, r, both[:rows], both[rows:]
+
+
+def scan(x, lens, state, cell, backward):
+    """Run `cell` over x [seq, batch, input]; returns Y [seq, batch, hidden] and the final
+    state. Each row reads its own time index (reversed within its length when backward)
+    and keeps its state once past its length."""
+    seq, batch = x.shape[:2]
+    y = np.zeros((seq, batch, state[0].shape[1]))
+    rows = np.arange(batch)
+    for step in range(seq):
+        t = lens - 1 - step if backward else np.full(batch, step)
+        active = step < lens
+        new = cell(x[np.clip(t, 0, seq - 1), rows], state)
+        keep = active[:, None]
+        state = tuple(np.where(keep, n, s) for n, s in zip(new, state))
+        y[t[active], rows[active]] = new[0][active]
+    return y, state
+
+
+@register
+class LSTM(Recurrent):
+    gates = 4
+    default_activations = ("Sigmoid", "Tanh", "Tanh")
+    static_inputs = (1, 2, 3, 4, 7)  # and the peepholes
+    state_inputs = (5, 6)
+    attrs = {"activation_alpha": None, "activation_beta": None, "activations": None,
+             "clip": None, "direction": "forward", "hidden_size": None, "input_forget": 0,
+             "layout": 0}
+
+    def cell(self, node, inputs, d, acts, bound):
+        hidden = inputs[2].shape[-1]
+        w, r, wb, rb = self.weights(inputs, d, 4 * hidden)
+        p = inputs[7] if len(inputs) > 7 else None
+        p_i, p_o, p_f = np.split(np.zeros(3 * hidden) if p is None else
+                                 p[d].astype(np.float64), 3)
+        f, g, h = acts
+        input_forget = bool(self.attr(node, "input_forget"))
+
+        def step(x_t, state):
+            h_t, c_t = state
+            g_i, g_o, g_f, g_c = np.split(x_t @ w.T + h_t @ r.T + wb + rb, 4, axis=1)
+            i = apply(f, bound(g_i + p_i * c_t))
+            forget = 1 - i if input_forget else apply(f, bound(g_f + p_f * c_t))
+            c_new = forget * c_t + i * apply(g, bound(g_c))
+            o = apply(f, bound(g_o + p_o * c_new))
+            return o * apply(h, c_new), c_new
+
+        return step
+
+
+@register
+class GRU(Recurrent):
+    gates = 3
+    default_activations = ("Sigmoid", "Tanh")
+    attrs = {"activation_alpha": None, "activation_beta": None, "activations": None,
+             "clip": None, "direction": "forward", "hidden_size": None,
+             "layout": 0, "linear_before_reset": 0}
+
+    def cell(self, node, inputs, d, acts, bound):
+        hidden = inputs[2].shape[-1]
+        w, r, wb, rb = self.weights(inputs, d, 3 * hidden)
+        (w_zr, w_h), (r_zr, r_h) = np.split(w, [2 * hidden]), np.split(r, [2 * hidden])
+        f, g = acts
+        after = bool(self.attr(node, "linear_before_reset"))
+
+        def step(x_t, state):
+            (h_t,) = state
+            zr = apply(f, bound(x_t @ w_zr.T + h_t @ r_zr.T + wb[:2 * hidden] +
+                                rb[:2 * hidden]))
+            z, reset = zr[:, :hidden], zr[:, hidden:]
+            if after:
+                recurrence = reset * (h_t @ r_h.T + rb[2 * hidden:])
+            else:
+                recurrence = (reset * h_t) @ r_h.T + rb[2 * hidden:]
+            n = apply(g, bound(x_t @ w_h.T + wb[2 * hidden:] + recurrence))
+            return ((1 - z) * n + z * h_t,)
+
+        return step
+
+
+@register
+class RNN(Recurrent):
+    gates = 1
+    default_activations = ("Tanh",)
+    attrs = {"activation_alpha": None, "activation_beta": None, "activations": None,
+             "clip": None, "direction": "forward", "hidden_size": None, "layout": 0}
+
+    def cell(self, node, inputs, d, acts, bound):
+        w, r, wb, rb = self.weights(inputs, d, inputs[2].shape[-1])
+        (f,) = acts
+
+        def step(x_t, state):
+            return (apply(f, bound(x_t @ w.T + state[0] @ r.T + wb + rb)),)
+
+        return step

@@ -82,7 +82,7 @@ def is_float(value) -> bool:
 UNARY = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Erf": "erf", "Sqrt": "sqrt",
          "Exp": "exp", "Log": "log", "Abs": "abs", "Floor": "floor",
          "Ceil": "ceil", "Sign": "sign", "Sin": "sin", "Cos": "cos", "Softplus": "softplus",
-         "Not": "logical_not", "Round": "round"}
+         "Not": "logical_not"}  # Round: rules_activations (MIL rounds halves per device)
 
 
 @rule(*UNARY)
@@ -956,3 +956,7 @@ def lower_trilu(lw, node):
 
 # the rules of the fused ops, Resize, If and LSTM, one module each
 from . import rules_control, rules_fused, rules_qdq, rules_resize, rules_rnn  # noqa: E402,F401
+from . import rules_activations  # noqa: E402,F401
+from . import rules_indexing  # noqa: E402,F401
+from . import rules_spectral  # noqa: E402,F401
+from . import rules_qoperator  # noqa: E402,F401
