@@ -864,6 +864,8 @@ def _pool_geometry(a, x):
 def _pool(x, kernel, strides, out, pads, combine, fill):
     """Combine every window's taps; `pads` are (before, after) per spatial dim. Separably,
     one spatial axis after the other: k + k taps for a k x k window instead of k * k."""
+    if x.ndim == 4:
+        return _pool_2d(x, kernel, strides, out, pads, combine, fill)
     acc = _pad_spatial(x, pads, fill)
     for axis, (k, s, n) in enumerate(zip(kernel, strides, out), start=2):
         src, acc = acc, None
@@ -871,6 +873,40 @@ def _pool(x, kernel, strides, out, pads, combine, fill):
             view = src[(slice(None),) * axis + (slice(i, i + (n - 1) * s + 1, s),)]
             acc = view.copy() if acc is None else combine(acc, view, out=acc)
     return acc
+
+
+def _pool_2d(x, kernel, strides, out, pads, combine, fill):
+    """`_pool` of an NCHW `x` in passes over the whole padded image as one flat run: the
+    window's rows are the runs shifted by a row pitch each, its columns the result shifted
+    by one element each, so every pass is one contiguous vectorised op (a pass over strided
+    views loops in short rows, 3x slower); the strided outputs are picked at the end. The
+    shifted runs read up to a window past the image: a slack filled like the padding."""
+    n, c, h, w = x.shape
+    (kh, kw), (sh, sw), (oh, ow) = kernel, strides, out
+    (top, bottom), (left, right) = pads
+    hp, wp = h + top + bottom, w + left + right
+    size = n * c * hp * wp
+    padded = scratch("pool padded", (size + (kh - 1) * wp,), x.dtype)
+    padded.fill(fill)
+    padded[:size].reshape(n, c, hp, wp)[:, :, top:top + h, left:left + w] = x
+    rows = scratch("pool rows", (size + kw - 1,), x.dtype)
+    _combine_shifted(combine, padded, rows[:size], kh, wp)
+    rows[size:] = fill
+    grid = scratch("pool grid", (size,), x.dtype)
+    _combine_shifted(combine, rows, grid, kw, 1)
+    picked = grid.reshape(n, c, hp, wp)[:, :, :(oh - 1) * sh + 1:sh, :(ow - 1) * sw + 1:sw]
+    return np.ascontiguousarray(picked)
+
+
+def _combine_shifted(combine, src, out, taps, step):
+    """out[j] = combine of src[j + t * step] over t < taps, for every j of `out`."""
+    size = out.size
+    if taps == 1:
+        np.copyto(out, src[:size])
+        return
+    combine(src[:size], src[step:step + size], out=out)
+    for t in range(2, taps):
+        combine(out, src[t * step:t * step + size], out=out)
 
 
 @mil_op("max_pool", keeps_fp16=True)
@@ -898,7 +934,7 @@ def avg_pool(a, outs):
     cover = np.ones((1, 1) + x.shape[2:], x.dtype)
     if not _bool(a, "exclude_padding_from_average"):
         cover, full = _pad_spatial(cover, pads, 1.0), [(0, e) for e in over]
-    return sums / _pool(cover, kernel, strides, out, full, np.add, 0.0)
+    return _into(np.divide, sums, _pool(cover, kernel, strides, out, full, np.add, 0.0))
 
 
 # ---- shape and data movement ----------------------------------------------------------------

@@ -335,6 +335,10 @@ pool_case("avg_pool_pad_ceil_include", "avg_pool", rand(1, 2, 8, 9), [3, 3], [2,
           [1, 1, 1, 1], ceil=True, exclude=False)
 pool_case("avg_pool1d", "avg_pool", rand(2, 3, 11), [4], [3], exclude=True)
 pool_case("max_pool3d", "max_pool", rand(1, 2, 5, 6, 7), [2, 3, 2], [2, 2, 2])
+pool_case("max_pool_batch_asymmetric", "max_pool", rand(2, 3, 9, 7), [3, 2], [2, 3],
+          [0, 2, 1, 0])
+pool_case("avg_pool_batch_wide", "avg_pool", rand(3, 2, 5, 11), [2, 4], [1, 1], [1, 0, 2, 1],
+          exclude=True)
 pool_case("l2_pool", "l2_pool", rand(1, 3, 8, 8), [2, 3], [2, 1], [0, 0, 1, 1])
 case("avg_pool_same", lambda v: mb.avg_pool(x=v, kernel_sizes=[3, 3], strides=[2, 2],
                                             pad_type="same", exclude_padding_from_average=True),
