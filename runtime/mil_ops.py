@@ -575,15 +575,16 @@ def scaled_dot_product_attention(a, outs):
     rows, keys = q.shape[-2], k.shape[-2]
     if math.prod(batch) * rows * keys <= 1 << 20:
         return _attention(q, k, v, mask)
-    # Big score matrices go a block of query rows at a time, so that each block's softmax
-    # passes run in cache; every row is computed exactly as in one piece.
+    # Big score matrices go a block of query rows at a time (~2 MB of scores: the softmax
+    # passes stay in cache, the GEMMs stay wide; 350-row blocks at 1500 keys ran whisper's
+    # attention 10% faster than 87-row ones); every row is computed exactly as in one piece.
     def flat(t):
         return np.broadcast_to(t, batch + t.shape[-2:]).reshape((-1,) + t.shape[-2:])
 
     q, k, v = flat(q), flat(k), flat(v)
     mask = None if mask is None else flat(mask)
     out = np.empty((q.shape[0], rows, v.shape[-1]), np.result_type(q, k, v))
-    step = max(1, (1 << 17) // keys)
+    step = max(1, (1 << 19) // keys)
     for b in range(q.shape[0]):
         for first in range(0, rows, step):
             block = slice(first, first + step)

@@ -255,6 +255,16 @@ case("scaled_dot_product_attention", lambda q, k, v: (
     mb.scaled_dot_product_attention(query=q, key=k, value=v, attn_mask=MASK_F)),
      lambda q, k, v: [sdpa(q, k, v, np.where(MASK_B, 0, -np.inf)), sdpa(q, k, v, MASK_F)],
      rand(2, 3, 4, 8), rand(2, 3, 6, 8), rand(2, 3, 6, 5), target=iOS18, rtol=1e-4, atol=1e-5)
+# 2 x 1100 x 600 > 2**20 scores: the executor goes a block of query rows at a time
+BIG_MASK_B = RNG.random((1100, 600)) > 0.3
+BIG_MASK_B[:, 0] = True
+BIG_MASK_F = rand(1, 1100, 600)
+case("scaled_dot_product_attention_blocked", lambda q, k, v: (
+    mb.scaled_dot_product_attention(query=q, key=k, value=v, attn_mask=BIG_MASK_B),
+    mb.scaled_dot_product_attention(query=q, key=k, value=v, attn_mask=BIG_MASK_F)),
+     lambda q, k, v: [sdpa(q, k, v, np.where(BIG_MASK_B, 0, -np.inf)), sdpa(q, k, v, BIG_MASK_F)],
+     rand(1, 2, 1100, 8), rand(1, 2, 600, 8), rand(1, 2, 600, 4), target=iOS18, rtol=1e-4,
+     atol=1e-5)
 
 # ---- convolution, pooling, resizing (onnxruntime is the oracle) ---------------------------------
 
