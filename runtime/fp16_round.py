@@ -17,7 +17,7 @@ F16, F32 = np.dtype(np.float16), np.dtype(np.float32)
 _EXPONENT = np.array(0x7F800000, np.uint32)
 _FLOOR, _CEILING = np.array(113 << 23, np.uint32), np.array(142 << 23, np.uint32)  # 2**-14, 2**15
 _MAGIC = np.array((13 << 23) | (1 << 22), np.uint32)  # 2**e -> 1.5 * 2**(e+13)
-_NEGATIVE_ZERO = np.array(-0.0, np.float32)
+_SIGN = np.array(0x80000000, np.uint32)
 _TOP = 142 << 23  # a block with |x| >= 2**15, inf or NaN may overflow fp16
 _NEGATIVE_TINY = -0x4D000000  # bits of -2**-25 as int32: up to it, x in [-2**-25, -0] -> -0
 _TO_INF, _FROM_INF = np.array(2.0 ** 112, np.float32), np.array(2.0 ** -112, np.float32)
@@ -35,8 +35,8 @@ def round_to_fp16(x: np.ndarray, in_place: bool = False) -> np.ndarray:
     2**(e-10): fp16's spacing at x (2**-24 below 2**-13, subnormals included). M is an even
     multiple of that spacing, so the fp32 add rounds x to fp16's grid with ties to even, and
     subtracting M again is exact; M > 0 serves both signs. Two cases come out wrong and are
-    mended in the blocks where cheap reductions find them: x in [-2**-25, -0] gives +0 (set
-    to -0), and |x| >= 65520 gives at least 65536 in magnitude (scaling by 2**112 and back
+    mended in the blocks where cheap reductions find them: x in [-2**-25, -0] gives +0 (x's
+    sign bits are put back), and |x| >= 65520 gives at least 65536 in magnitude (scaling by 2**112 and back
     makes exactly those inf). Checked against numpy on all 2**32 float32 bit patterns."""
     if x.size < _SMALL:
         return x.astype(F16).astype(F32)
@@ -58,16 +58,17 @@ def _round_block(u: np.ndarray, y: np.ndarray, magic: np.ndarray) -> None:
     top = np.maximum.reduce(m) >= _TOP
     signed = u.view(np.int32)
     negative_zero = np.minimum.reduce(signed) <= _NEGATIVE_TINY
-    if negative_zero:
-        to_negative_zero = scratch("fp16 negative zero", u.shape, np.bool_)
-        np.less_equal(signed, _NEGATIVE_TINY, to_negative_zero)
+    if negative_zero:  # keep x's sign bits, to put them back on the +0s rounding made
+        signs = scratch("fp16 signs", u.shape, np.uint32)
+        np.bitwise_and(u, _SIGN, signs)
     m.clip(_FLOOR, _CEILING, out=m)
     np.add(m, _MAGIC, m)
     mf = m.view(F32)
     np.add(u.view(F32), mf, y)
     np.subtract(y, mf, y)
-    if negative_zero:
-        np.copyto(y, _NEGATIVE_ZERO, where=to_negative_zero)
+    if negative_zero:  # a negative x rounds to a value <= 0: only its +0s change
+        bits = y.view(np.uint32)
+        np.bitwise_or(bits, signs, bits)
     if top:
         with np.errstate(over="ignore"):
             np.multiply(y, _TO_INF, y)

@@ -470,15 +470,23 @@ def matmul(a, outs):
     if _bool(a, "transpose_y") and y.ndim > 1:
         y = np.swapaxes(y, -1, -2)
     if x.ndim > 2 and y.ndim == 2:  # one BLAS call over every row of x
-        return np.matmul(x.reshape(-1, x.shape[-1]), y).reshape(x.shape[:-1] + y.shape[-1:])
+        return _rows_times(x, y)
     return np.matmul(x, y)
+
+
+def _rows_times(x, w):
+    """x [..., K] @ w [K, N] as one BLAS call over every row, into an array of the result's
+    shape that owns its memory (a reshaped view would be copied again to round to fp16)."""
+    out = np.empty(x.shape[:-1] + w.shape[-1:], np.result_type(x, w))
+    x2 = x.reshape(-1, x.shape[-1]) if x.ndim > 2 else x
+    np.matmul(x2, w, out=out.reshape(-1, w.shape[-1]) if x.ndim > 2 else out)
+    return out
 
 
 @mil_op("linear")
 def linear(a, outs):
     x, w = a["x"], a["weight"]  # a constant: the executor stores it transposed (TRANSPOSED)
-    x2 = x.reshape(-1, x.shape[-1]) if x.ndim > 2 else x  # one BLAS call over every row
-    y = np.matmul(x2, w.T).reshape(x.shape[:-1] + w.shape[:1])
+    y = _rows_times(x, w.T) if x.ndim > 1 else np.matmul(x, w.T)
     return y if a.get("bias") is None else _into(np.add, y, a["bias"])
 
 
@@ -781,7 +789,10 @@ def _conv_matmul(xp, w, groups, strides, dilations, budget=1 << 18):
         cols = cols.transpose((0, 1) + tuple(range(2 + nd, 2 + 2 * nd)) + tuple(range(2, 2 + nd)))
     rows, size = (c // groups) * math.prod(kernel), math.prod(out_sizes)
     wm = w.reshape(groups, m // groups, rows)
-    y = np.empty((n, groups, m // groups, size), np.result_type(xp, w))
+    # the result owns its memory in the output's shape (a view would be copied again to round
+    # it to fp16); `y` is that memory as [N, G, M/G, P] for the matmuls
+    result = np.empty((n, m) + tuple(out_sizes), np.result_type(xp, w))
+    y = result.reshape(n, groups, m // groups, size)
     if groups > 1:
         step = max(1, 2 * budget // (n * rows * size)) * (c // groups)  # channels per block
         for first in range(0, c, step):
@@ -789,7 +800,7 @@ def _conv_matmul(xp, w, groups, strides, dilations, budget=1 << 18):
             block = block.reshape(n, -1, rows, size)
             g = first // (c // groups)
             np.matmul(wm[g:g + block.shape[1]], block, out=y[:, g:g + block.shape[1]])
-        return y.reshape((n, m) + tuple(out_sizes))
+        return result
     # Few output channels make the matmul stream its im2col matrix from memory: block it
     # early then; many reuse each column enough, and big blocks multiply fastest.
     per_row, limit = size // out_sizes[0] if size else 1, budget if m <= 32 else 8 * budget
@@ -799,7 +810,7 @@ def _conv_matmul(xp, w, groups, strides, dilations, budget=1 << 18):
         block = cols[(slice(None),) * (cols.ndim - nd) + (slice(first, first + step),)]
         block = _copy_to_scratch("im2col", block).reshape(n, rows, -1)
         np.matmul(wm[0], block, out=y[:, 0, :, first * per_row:first * per_row + block.shape[-1]])
-    return y.reshape((n, m) + tuple(out_sizes))
+    return result
 
 
 @mil_op("conv_transpose")
