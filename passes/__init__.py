@@ -28,6 +28,7 @@ from . import (
     fuse_matmul_add,
     fuse_rms_norm,
     fuse_silu,
+    merge_transpose_axes,
     quantize_weights,
     sum_to_mean,
 )
@@ -40,6 +41,8 @@ PassFn = Callable[[Graph], int]
 # - fold_constants first: exporters leave shape arithmetic that other passes must see as
 #   constants (a Reshape's target shape, a Squeeze's axes).
 # - eliminate_identity after folding: folding turns Cast/Reshape into no-ops it can spot.
+# - merge_transpose_axes after folding (it reads the static shapes folding settles) and
+#   before CSE, which could give the rank-6 Reshape it bypasses a second reader.
 # - eliminate_common_subexpressions after both (folding leaves equal constants to merge)
 #   and before the fusions: patterns that read a value twice (x * x, x - mean(x),
 #   x * sigmoid(x)) match only when it is one value, not two equal computations.
@@ -63,6 +66,7 @@ PIPELINE: list[tuple[str, PassFn]] = [
     ("fold_qdq_weights", fold_qdq_weights.run),
     ("fold_constants", fold_constants.run),
     ("eliminate_identity", eliminate_identity.run),
+    ("merge_transpose_axes", merge_transpose_axes.run),
     ("eliminate_common_subexpressions", eliminate_common_subexpressions.run),
     ("sum_to_mean", sum_to_mean.run),
     ("fuse_conv_batchnorm", fuse_conv_batchnorm.run),

@@ -40,3 +40,29 @@ def test_tolerances():
     assert not compare("y", WANT + 1e-3, WANT, "fp32").ok
     assert compare("y", WANT + 1e-3, WANT, "fp16").ok
     assert not compare("y", WANT[:, ::-1].copy(), WANT, "fp16").ok
+
+
+def test_oracle_runs_onnxruntime_with_basic_rewrites_only(tmp_path, monkeypatch):
+    """The oracle computes ONNX semantics: no extended fusions (their QDQ kernels are not
+    exact). It still answers, for the inputs the model takes."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from applec.validate import onnxruntime_outputs
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    path = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                ir_version=8), path)
+    levels, real = [], ort.InferenceSession
+
+    def spy(model, options, **kw):
+        levels.append(options.graph_optimization_level)
+        return real(model, options, **kw)
+
+    monkeypatch.setattr(ort, "InferenceSession", spy)
+    out = onnxruntime_outputs(path, {"x": np.array([-1, 2], np.float32), "unused": np.ones(1)})
+    np.testing.assert_array_equal(out["y"], [0, 2])
+    assert levels == [ort.GraphOptimizationLevel.ORT_ENABLE_BASIC]

@@ -9,7 +9,9 @@ DFT: `onesided` with a forward transform takes a real input and returns bins
 0..n//2 (RFFT); with `inverse` it takes those bins and returns a real signal of
 dft_length (IRFFT, default length 2 * (bins - 1)). dft_length zero-pads or truncates the
 input along the axis. STFT frames the signal [batch, length, 1|2] with frame_step,
-multiplies every frame by the window and takes its DFT of frame_length points.
+multiplies every frame by the window and takes its DFT of frame_length points. A real
+signal may also come as [batch, length]: torch.onnx.export writes torch.stft that way and
+onnxruntime accepts it, though the spec asks for the trailing 1.
 The windows and the mel matrix depend on constants only and fold at compile time.
 """
 
@@ -92,8 +94,9 @@ class STFT(OpDef):
     def plan(self, node) -> tuple[int, int, int, int]:
         """(frame_step, frame_length, frames, bins)."""
         signal, window = node.inputs[0], node.input(2)
-        if len(signal.shape) != 3 or signal.shape[-1] not in (1, 2):
-            self.fail(node, "the signal must be [batch, length, 1 or 2]")
+        if len(signal.shape) not in (2, 3) or len(signal.shape) == 3 and \
+                signal.shape[-1] not in (1, 2):
+            self.fail(node, "the signal must be [batch, length] or [batch, length, 1 or 2]")
         step = as_ints(self.static(node, 1))[0]
         length = signal.shape[1]
         if window is not None and len(window.shape) != 1:
@@ -116,6 +119,8 @@ class STFT(OpDef):
     def reference(self, node, inputs):
         signal, window = inputs[0], inputs[2] if len(inputs) > 2 else None
         step, frame, frames, _ = self.plan(node)
+        if signal.ndim == 2:
+            signal = signal[..., None]
         framed = signal[:, frame_indices(step, frame, frames)].astype(np.float64)
         if window is not None:
             framed = framed * np.asarray(window, np.float64)[:, None]

@@ -66,14 +66,14 @@ def lower_stft(lw, node):
     op = OPS["STFT"]
     signal, window = node.inputs[0], node.input(2)
     step, frame, frames, bins = op.plan(node)
-    batch, _, parts = signal.shape
+    batch, parts = signal.shape[0], _parts(signal)
     matrix = _matrix(lw, frame, parts, frame, False, bool(op.attr(node, "onesided")))
     if window is None or window.is_const:
         if window is not None:
             matrix = matrix * np.repeat(window.const.astype(np.float64), parts)[:, None]
         _stft_conv(lw, node, matrix, step, frame, frames, bins)
         return
-    framed = mb.gather(x=lw.get(signal), indices=frame_indices(step, frame, frames)
+    framed = mb.gather(x=_complex_signal(lw, signal), indices=frame_indices(step, frame, frames)
                        .astype(np.int32), axis=1, name=lw.tmp("frames"))
     weights = mb.reshape(x=lw.get(window), shape=[frame, 1], name=lw.tmp("window"))
     framed = mb.mul(x=framed, y=weights, name=lw.tmp("windowed"))
@@ -84,13 +84,26 @@ def lower_stft(lw, node):
                                         name=lw.out_name()))
 
 
+def _parts(signal) -> int:
+    """1 for a real signal ([batch, length] or [batch, length, 1]), 2 for a complex one."""
+    return signal.shape[2] if len(signal.shape) == 3 else 1
+
+
+def _complex_signal(lw, signal):
+    """The signal as [batch, length, parts]: a [batch, length] one gets its trailing 1."""
+    if len(signal.shape) == 3:
+        return lw.get(signal)
+    return mb.expand_dims(x=lw.get(signal), axes=[-1], name=lw.tmp("signal"))
+
+
 def _stft_conv(lw, node, matrix, step, frame, frames, bins):
     """signal [batch, length, parts] -> [batch, parts, length] -> conv1d (kernel
     [bins * 2, parts, frame], stride frame_step) -> [batch, frames, bins, 2]."""
     signal = node.inputs[0]
-    batch, _, parts = signal.shape
+    batch, parts = signal.shape[0], _parts(signal)
     kernel = matrix.reshape(frame, parts, bins * 2).transpose(2, 1, 0)
-    channels = mb.transpose(x=lw.get(signal), perm=[0, 2, 1], name=lw.tmp("channels"))
+    channels = mb.transpose(x=_complex_signal(lw, signal), perm=[0, 2, 1],
+                            name=lw.tmp("channels"))
     spectrum = mb.conv(x=channels, weight=lw.array(kernel, f"{node.name}.dft"),
                        strides=[step], pad_type="valid", name=lw.tmp("dft"))
     by_frame = mb.transpose(x=spectrum, perm=[0, 2, 1], name=lw.tmp("by_frame"))
