@@ -194,7 +194,7 @@ def test_channel_affine_caffe_scale_chain(tmp_path, compiled):
 
 def test_channel_affine_near_misses(tmp_path):
     b = GraphBuilder()
-    conv = lambda name: b.op("Conv", ["x", b.weight(f"w_{name}", (4, 3, 1, 1))], name=name)  # noqa: E731
+    conv = lambda name: b.op("Conv", ["x", b.weight(f"w_{name}", (4, 3, 1, 1))], name=name)
     b.op("Mul", [conv("rows"), b.weight("per_row", (1, 1, 8, 1))], name="y1")   # not per channel
     b.op("Add", [conv("grow"), b.weight("big", (1, 1, 4, 1, 1))], name="y2")    # adds a dim
     b.op("Sub", [f32(b, 1.0), conv("reversed")], name="y3")                    # 1 - conv
