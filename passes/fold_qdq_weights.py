@@ -19,6 +19,15 @@ constant (a QuantizeLinear of a float weight has been folded to int8 data at imp
   kept float this way gets a note saying why.
 Both are exact: DequantizeWeight computes (data - offset) * scale in fp32, as ONNX does.
 
+First, a DequantizeLinear of a Gather from a constant table (onnxruntime's
+`quantize_dynamic` quantizes embeddings that way) dequantizes the table before the Gather
+instead, so the table is a compressed weight like the others (it was an int32 constant:
+CoreML programs hold no uint8 tensors, 4 bytes an entry). Exact: dequantization is
+elementwise with one scale and zero point, or one per axis that the Gather keeps.
+
+    before: e = Gather(table uint8[V, D], ids); y = DequantizeLinear(e, s, zp)
+    after:  t = DequantizeLinear(table, s, zp); y = Gather(t, ids)     (t compressed below)
+
 Ordering: it runs first in the pipeline; fold_constants then folds what the folded
 DequantizeLinears fed. (Import already folds everything else that is constant; only
 DequantizeLinear waits for this pass.)
@@ -44,7 +53,8 @@ BITS = {"int8": 8, "uint8": 8, "int4": 4, "uint4": 4}
 
 
 def run(graph: Graph) -> int:
-    count = 0
+    count = sum(dequantize_table(graph, node) for node in list(graph.nodes)
+                if node.op_type == "DequantizeLinear")
     for node in list(graph.nodes):
         if node.op_type != "DequantizeLinear" or \
                 not all(v is None or v.is_const for v in node.inputs):
@@ -56,6 +66,42 @@ def run(graph: Graph) -> int:
             fold(graph, node, reason)
         count += 1
     return count
+
+
+def dequantize_table(graph: Graph, node: Node) -> bool:
+    """Dequantize(Gather(constant table, ids)) -> Gather(Dequantize(table), ids), when the
+    Gather output is read by nothing else and the scale and zero point are per tensor or
+    along an axis the Gather keeps (not block-wise). Returns whether it rewrote."""
+    gathered = node.inputs[0]
+    gather = gathered.producer
+    if gather is None or gather.op_type != "Gather" or not gather.inputs[0].is_const or \
+            len(gathered.users) != 1 or any(gathered is v for v in graph.outputs) or \
+            not all(v is None or v.is_const for v in node.inputs[1:]):
+        return False
+    op, table, ids = ops.OPS[node.op_type], gather.inputs[0], gather.inputs[1]
+    rank, index_rank = len(gathered.shape), len(ids.shape)
+    g = int(gather.attrs.get("axis", 0)) % len(table.shape)
+    attrs = {k: v for k, v in node.attrs.items() if k != "axis"}
+    if int(op.attr(node, "block_size")):
+        return False
+    if node.inputs[1].size != 1:  # per axis: map the output axis back to the table's
+        axis = op.attr(node, "axis") % rank
+        if g <= axis < g + index_rank:
+            return False  # scales that vary along the gathered indices
+        attrs["axis"] = axis if axis < g else axis - index_rank + 1
+    index = graph.nodes.index(gather)
+    dequantized = graph.add_node("DequantizeLinear", [table, *node.inputs[1:]], attrs,
+                                 name=f"{node.name}_table", index=index)
+    dequantized.meta.update(node.meta)
+    ops.infer_node(dequantized)
+    replace(graph, node, "Gather", [dequantized.outputs[0], ids], {"axis": g})
+    graph.remove_node(gather)
+    entry = graph.meta.get("report", {}).get(gather.meta.get("onnx_node"))
+    source = node.meta.get("onnx_node") or node.name
+    if entry is not None and source != gather.meta.get("onnx_node"):
+        entry.update(status="fused", fused_into=source, reason="gathers from the table "
+                     f"'{source}' dequantizes, kept 8-bit (fold_qdq_weights)")
+    return True
 
 
 def refusal(graph: Graph, node: Node) -> str | None:

@@ -365,3 +365,46 @@ def test_exactness_note_for_large_integer_products(tmp_path):
     feeds = {"a": rng.integers(0, 256, (2, 300)).astype(np.uint8)}
     got = run_bundle(tmp_path / "b", feeds)["y"]
     np.testing.assert_array_equal(got, onnxruntime_outputs(path, feeds)["y"])
+
+
+# -- a quantized embedding table: Gather then DequantizeLinear ------------------------------
+def gathered_table_model(scale_shape: tuple, axis: int, ids_shape=(2, 5)) -> onnx.ModelProto:
+    """quantize_dynamic's embedding form: Gather from a uint8 table, then DequantizeLinear."""
+    rng = np.random.default_rng(7)
+    table = rng.integers(0, 256, (50, 16)).astype(np.uint8)
+    scale = (rng.random(scale_shape) * 0.1 + 0.01).astype(np.float32)
+    zero = rng.integers(100, 150, scale_shape).astype(np.uint8)
+    out_shape = list(ids_shape) + [16]
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["rows"], axis=0, name="embed"),
+         helper.make_node("DequantizeLinear", ["rows", "scale", "zero"], ["y"], axis=axis,
+                          name="dequantize")], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, list(ids_shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
+        [numpy_helper.from_array(a, n) for a, n in ((table, "table"), (scale, "scale"),
+                                                     (zero, "zero"))])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("scale_shape, axis, compressed", [
+    ((), 1, True),      # per tensor
+    ((16,), 2, True),   # per column of the table: an axis the Gather keeps
+    ((5,), 1, False),   # along the gathered indices: stays Gather, then dequantize
+])
+def test_gathered_table_stays_8_bit(tmp_path, scale_shape, axis, compressed):
+    onnx.save(gathered_table_model(scale_shape, axis), tmp_path / "m.onnx")
+    result = applec.compile(tmp_path / "m.onnx", output=tmp_path / "b", precision="fp32")
+    nodes = result.report["nodes"]
+    if compressed:
+        assert nodes["dequantize"]["mil_ops"][0] == "constexpr_blockwise_shift_scale"
+        assert nodes["embed"]["status"] == "fused" and \
+            nodes["embed"]["fused_into"] == "dequantize"
+        # one byte an entry plus scales and blob headers: under half the int32 table's 3200
+        assert weight_bytes(tmp_path / "b") < 50 * 16 * 4 / 2
+    else:
+        assert nodes["embed"]["status"] == "lowered"
+        assert "constexpr_blockwise_shift_scale" not in nodes["dequantize"]["mil_ops"]
+    ids = np.random.default_rng(8).integers(0, 50, (2, 5)).astype(np.int64)
+    got = run_bundle(tmp_path / "b", {"ids": ids})["y"]
+    want = onnxruntime_outputs(tmp_path / "m.onnx", {"ids": ids})["y"]
+    np.testing.assert_array_equal(got, want)
